@@ -1,0 +1,96 @@
+"""The eight candidate receptive-field enhancers of Meta-Pooling (paper Sec. 2.1).
+
+`skip` is "no enhancer"; `max{3,5,7}` / `avg{3,5,7}` are the Local Context Enhancers (stride-1 pooling, same
+output size); `global` is the Global Context Enhancer (spatial separable pooling, Coordinate-Attention structure).
+"""
+from typing import Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+__all__ = [
+    'OP_NAMES', 'LOCAL_OP_NAMES', 'GlobalContextEnhancer', 'create_op', 'op_name_of', 'pool_kernel_size',
+]
+
+# Canonical order: architecture logits, genotypes and saved files all index candidates by this order.
+OP_NAMES: Tuple[str, ...] = ('skip', 'global', 'max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7')
+LOCAL_OP_NAMES: Tuple[str, ...] = ('max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7')
+
+
+class GlobalContextEnhancer(nn.Module):
+    """Global Context Enhancer: spatial separable pooling (paper Sec. 2.1).
+
+    Mean over W gives an Hx1 profile z^h, mean over H a 1xW profile z^w. Both go through one shared point-wise conv
+    (C -> mid, mid = max(min_channels, C // reduction)) + BN + hard-swish, are split back, and each is mapped to a
+    sigmoid gate by its own point-wise conv (mid -> C). Output: x * a_h * a_w. With reduction 32 this is the
+    Coordinate-Attention structure whose MobileNetV2 totals match the paper's 3.95M (Table 4).
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            reduction: int = 32,
+            min_channels: int = 8,
+            act_layer: Type[nn.Module] = nn.Hardswish,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        mid_channels = max(min_channels, channels // reduction)
+        self.conv_reduce = nn.Conv2d(channels, mid_channels, kernel_size=1, bias=True, **dd)
+        self.bn = norm_layer(mid_channels, **dd)
+        self.act = act_layer()
+        self.conv_h = nn.Conv2d(mid_channels, channels, kernel_size=1, bias=True, **dd)
+        self.conv_w = nn.Conv2d(mid_channels, channels, kernel_size=1, bias=True, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height = x.shape[2]
+        # Both profiles as (N, C, L, 1) columns so one conv/BN pass serves the two directions.
+        z_h = x.mean(dim=3, keepdim=True)
+        z_w = x.mean(dim=2, keepdim=True).transpose(2, 3)
+        y = self.act(self.bn(self.conv_reduce(torch.cat([z_h, z_w], dim=2))))
+        y_h, y_w = y[:, :, :height], y[:, :, height:]
+        a_h = self.conv_h(y_h).sigmoid()
+        a_w = self.conv_w(y_w).sigmoid().transpose(2, 3)
+        return x * a_h * a_w
+
+
+def pool_kernel_size(op_name: str) -> int:
+    """Kernel size of a local op name (`avg5` -> 5)."""
+    return int(op_name[3:])
+
+
+def create_op(
+        op_name: str,
+        channels: int,
+        device=None,
+        dtype=None,
+) -> nn.Module:
+    """Build candidate `op_name` for a `channels`-wide feature map. Every op keeps the input's shape."""
+    if op_name == 'skip':
+        op = nn.Identity()
+    elif op_name == 'global':
+        op = GlobalContextEnhancer(channels, device=device, dtype=dtype)
+    elif op_name in LOCAL_OP_NAMES:
+        k = pool_kernel_size(op_name)
+        if op_name.startswith('max'):
+            op = nn.MaxPool2d(k, stride=1, padding=k // 2)  # pads with -inf
+        else:
+            op = nn.AvgPool2d(k, stride=1, padding=k // 2, count_include_pad=True)
+    else:
+        raise ValueError(f"Unknown Meta-Pooling op {op_name!r}; valid ops are: {', '.join(OP_NAMES)}.")
+    return op
+
+
+def op_name_of(module: nn.Module) -> Optional[str]:
+    """The candidate name of a fixed enhancer module, or None if `module` is not one of the eight candidates."""
+    if isinstance(module, nn.Identity):
+        return 'skip'
+    if isinstance(module, GlobalContextEnhancer):
+        return 'global'
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
+        return ('max' if isinstance(module, nn.MaxPool2d) else 'avg') + str(k)
+    return None
