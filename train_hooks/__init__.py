@@ -1,0 +1,1 @@
+"""Command-line entry points around timm: PMPL search, Hub publishing, and a launcher for timm's scripts."""
