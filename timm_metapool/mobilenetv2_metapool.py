@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models._efficientnet_blocks import InvertedResidual
@@ -37,13 +38,17 @@ MOBILENETV2_ARCH_DEF = [
 ]
 
 
+# A mixed op is one leaf for torch.fx feature extraction: its candidates are keyed by op name, and `global` is a
+# Python keyword that fx's generated code cannot address as an attribute.
+register_notrace_module(MetaPooling)
+
+
 def _is_slot_block(block: nn.Module) -> bool:
     return isinstance(block, InvertedResidual)
 
 
 class MetaPoolingMixin:
-    """Search-space API shared by the classifier and the features-only network."""
-    blocks: nn.Sequential
+    """Search-space API shared by the classifier and the features-only network (both have `self.blocks`)."""
 
     def enhancer_blocks(self) -> List[InvertedResidual]:
         """The blocks that own an enhancer slot (`block.se`), in slot order."""
