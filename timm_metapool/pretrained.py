@@ -2,16 +2,24 @@
 
 A Meta-Pooling model's architecture depends on its genotype, so weights are only usable with the genotype they were
 trained with. Exports store it twice: in `config.json` (`model_args.genotype`) and in the safetensors header metadata
-(key `genotype`). `create_model(name, pretrained=True)` without a genotype reads it from one of those.
+(key `genotype`). `create_model(name, pretrained=True)` without a genotype reads it from one of those; with a genotype,
+it is checked against the weights' metadata whenever the weights are already on disk.
 """
 import json
 import os
-from typing import Any, Dict, Optional, Union
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
 
 from timm.models._builder import resolve_pretrained_cfg
+from timm.models._hub import HF_SAFE_WEIGHTS_NAME, hf_split
 from timm.models._pretrained import PretrainedCfg
 
-__all__ = ['PRETRAINED_TAGS', 'SAFETENSORS_GENOTYPE_KEY', 'resolve_pretrained_genotype', 'read_safetensors_genotype']
+from .genotype import Genotype, GenotypeLike
+
+__all__ = [
+    'PRETRAINED_TAGS', 'SAFETENSORS_GENOTYPE_KEY', 'GenotypeMismatchError', 'first_genotype_difference',
+    'local_weights_file', 'read_safetensors_genotype', 'resolve_pretrained_genotype',
+]
 
 # The one place that lists Hub weights: 'arch.tag' -> repo id, and whether files have been published there.
 # Nothing is published yet: ImageNet training is out of reach on the machines this package is developed on.
@@ -24,9 +32,28 @@ SAFETENSORS_GENOTYPE_KEY = 'genotype'
 
 _INSTEAD = (
     "Instead: build the architecture with genotype=... and pretrained=False, load your own export with "
-    "timm.create_model('local-dir:DIR') or pretrained_cfg_overlay=dict(file='model.safetensors'), "
+    "timm.create_model('local-dir:DIR', pretrained=True) or pretrained_cfg_overlay=dict(file='model.safetensors'), "
     "or use 'hf-hub:ORG/NAME' for weights you published."
 )
+
+
+class GenotypeMismatchError(ValueError):
+    """Weights and the genotype asked for describe different architectures."""
+
+
+def first_genotype_difference(
+        weights_genotype: Genotype,
+        requested: Genotype,
+        slot_names: Optional[Sequence[str]] = None,
+) -> Optional[str]:
+    """A sentence naming the first slot where the two genotypes differ, or None if they are equal."""
+    if len(weights_genotype) != len(requested):
+        return f'the weights have {len(weights_genotype)} enhancer slots, the model {len(requested)}'
+    for index, (have, want) in enumerate(zip(weights_genotype, requested)):
+        if have != want:
+            where = f' ({slot_names[index]})' if slot_names else ''
+            return f'slot {index}{where} holds {have!r} in the weights but {want!r} in the requested genotype'
+    return None
 
 
 def read_safetensors_genotype(path: Union[str, os.PathLike]) -> Optional[str]:
@@ -36,14 +63,37 @@ def read_safetensors_genotype(path: Union[str, os.PathLike]) -> Optional[str]:
         with safe_open(str(path), framework='pt') as f:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError on truncated or corrupt headers
-        raise ValueError(f'Cannot read safetensors file {str(path)!r}: {e}. Re-export it with '
-                         f'`python -m train_hooks.publish`.') from e
+        raise ValueError(f'Cannot read safetensors file {str(path)!r} (truncated or corrupted?): {e}. Download it '
+                         f'again or re-export it with `python -m train_hooks.publish`.') from e
     return metadata.get(SAFETENSORS_GENOTYPE_KEY)
 
 
+def local_weights_file(cfg: PretrainedCfg) -> Optional[str]:
+    """The weights file `cfg` loads from, if it is on this machine already (never downloads).
+
+    Follows timm's source order (`_resolve_pretrained_source`): a `local-dir:` export's `model.safetensors`, an
+    explicit `file`, then the Hugging Face cache for `hf_hub_id`.
+    """
+    if cfg.source == 'local-dir' or (cfg.file and os.path.isdir(cfg.file)):
+        candidate = Path(cfg.file) / HF_SAFE_WEIGHTS_NAME
+        return str(candidate) if candidate.is_file() else None
+    if cfg.file and cfg.source != 'hf-hub':
+        return str(cfg.file)
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        repo_id, revision = hf_split(cfg.hf_hub_id)
+        cached = try_to_load_from_cache(repo_id, cfg.hf_hub_filename or HF_SAFE_WEIGHTS_NAME, revision=revision)
+        return cached if isinstance(cached, str) else None
+    return None
+
+
 def _genotype_from_config_file(path: str, repo_id: str) -> str:
-    with open(path, 'r', encoding='utf-8') as f:
-        config = json.load(f)
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f'Cannot read config.json of {repo_id!r} at {path!r}: {e}. Delete it from the Hub cache '
+                         f'and download it again.') from e
     genotype = config.get('model_args', {}).get('genotype')
     if not genotype:
         raise ValueError(f"config.json of {repo_id!r} has no model_args.genotype: it was not exported by "
@@ -54,7 +104,8 @@ def _genotype_from_config_file(path: str, repo_id: str) -> str:
 def _download_config(repo_id: str, published: bool) -> str:
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, 'config.json')
+    hub_id, revision = hf_split(repo_id)
+    cached = try_to_load_from_cache(hub_id, 'config.json', revision=revision)
     if isinstance(cached, str):
         return cached
     if not published:
@@ -65,32 +116,54 @@ def _download_config(repo_id: str, published: bool) -> str:
         raise RuntimeError(f'HF_HUB_OFFLINE is set and {repo_id!r} is not in the local Hub cache. Download it '
                            f'once online, or unset HF_HUB_OFFLINE. {_INSTEAD}')
     try:
-        return hf_hub_download(repo_id, 'config.json', etag_timeout=5)
+        return hf_hub_download(hub_id, 'config.json', revision=revision, etag_timeout=5)
     except Exception as e:  # network, auth and missing-repo errors all end the same way for the user
         raise RuntimeError(f'Cannot fetch config.json of {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: '
                            f'{e}). {_INSTEAD}') from e
 
 
-def resolve_pretrained_genotype(
-        variant: str,
-        pretrained_cfg: Optional[Union[str, Dict[str, Any], PretrainedCfg]] = None,
-        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-) -> str:
-    """Find the genotype of the weights `pretrained=True` will load for `variant`.
-
-    Order: a local weights file (`pretrained_cfg_overlay=dict(file=...)`, genotype in its safetensors metadata),
-    then the Hub repo of the pretrained tag (its `config.json`). Fails fast with a message that says what to do.
-    """
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+def _genotype_of_weights(variant: str, cfg: PretrainedCfg) -> str:
+    """The genotype the weights of `cfg` were exported with; fails fast when it cannot be known."""
+    weights_file = local_weights_file(cfg)
+    if weights_file and weights_file.endswith('.safetensors'):
+        genotype = read_safetensors_genotype(weights_file)
+        if genotype:
+            return genotype
     if cfg.file:
-        genotype = read_safetensors_genotype(cfg.file) if str(cfg.file).endswith('.safetensors') else None
-        if not genotype:
-            raise ValueError(f'Weights file {cfg.file!r} carries no genotype in its metadata; pass genotype=... '
-                             f'(the one it was trained with) or re-export it with `python -m train_hooks.publish`.')
-        return genotype
+        raise ValueError(f'Weights {cfg.file!r} carry no genotype in their metadata; pass genotype=... (the one '
+                         f'they were trained with) or re-export them with `python -m train_hooks.publish`.')
     if cfg.hf_hub_id:
         tag = f'{variant}.{cfg.tag}' if cfg.tag else variant
         published = PRETRAINED_TAGS.get(tag, {}).get('published', True)
         return _genotype_from_config_file(_download_config(cfg.hf_hub_id, published), cfg.hf_hub_id)
     raise RuntimeError(f'{variant} has no pretrained weights registered (tags with weights: '
                        f"{', '.join(PRETRAINED_TAGS) or 'none'}). {_INSTEAD}")
+
+
+def resolve_pretrained_genotype(
+        variant: str,
+        pretrained_cfg: Optional[Union[str, Dict[str, Any], PretrainedCfg]] = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        genotype: Optional[GenotypeLike] = None,
+        num_slots: Optional[int] = None,
+) -> Union[str, GenotypeLike]:
+    """The genotype to build for `pretrained=True`.
+
+    Without `genotype`: read it from the weights (a local safetensors file's metadata, else the Hub repo's
+    `config.json`), failing fast with a message that says what to do. With `genotype`: return it, after checking it
+    against the metadata of weights already on disk (`num_slots` expands presets such as 'skip' for that check).
+    """
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    if genotype is None:
+        return _genotype_of_weights(variant, cfg)
+    weights_file = local_weights_file(cfg)
+    if weights_file and weights_file.endswith('.safetensors'):
+        stored = read_safetensors_genotype(weights_file)
+        if stored:
+            difference = first_genotype_difference(
+                Genotype.parse(stored), Genotype.parse(genotype, num_slots=num_slots))
+            if difference:
+                raise GenotypeMismatchError(
+                    f'Weights {weights_file!r} were trained with another genotype: {difference}. Leave genotype '
+                    f'out to use the one stored with the weights ({stored}).')
+    return genotype

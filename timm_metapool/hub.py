@@ -1,0 +1,405 @@
+"""The genotype travels with the weights: checkpoint reading, Hub export, model card and load-time checks.
+
+An export is a folder timm loads by itself (`timm.create_model('local-dir:DIR')`, or `'hf-hub:ORG/NAME'` once
+uploaded): `config.json` and `model.safetensors` written by timm's `save_for_hf` (genotype in `model_args`), the
+genotype repeated in the safetensors header metadata, and a `README.md` model card.
+Load-time checks (`checkpoint_filter_fn`) refuse weights whose enhancer slots disagree with the model's genotype.
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .genotype import Genotype, GenotypeLike
+from .mixed_op import ARCH_PARAM_NAME
+from .pretrained import (
+    SAFETENSORS_GENOTYPE_KEY, GenotypeMismatchError, first_genotype_difference, local_weights_file,
+    read_safetensors_genotype,
+)
+
+__all__ = [
+    'PAPER_CITATION', 'TrainedCheckpoint', 'GenotypeMismatchError', 'load_trained_checkpoint',
+    'enhancer_slot_names', 'fixed_state_dict', 'verify_state_dict', 'checkpoint_filter_fn',
+    'parse_checkpoint_genotype', 'build_model_for_weights', 'read_metrics', 'render_model_card', 'export_for_hub', 'check_push_credentials', 'push_export',
+]
+
+PAPER_CITATION = """@inproceedings{dong2023metapooling,
+  title={Progressive Meta-Pooling Learning for Lightweight Image Classification Model},
+  author={Dong, Peijie and Niu, Xin and Tian, Zhiliang and Li, Lujun and Wang, Xiaodong and Wei, Zimian and
+          Pan, Hengyue and Li, Dongsheng},
+  booktitle={IEEE International Conference on Acoustics, Speech and Signal Processing (ICASSP)},
+  year={2023}
+}"""
+
+# timm train.py keys that describe evaluation preprocessing; the export's pretrained_cfg records them.
+_DATA_CONFIG_KEYS = ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
+
+
+@dataclass
+class TrainedCheckpoint:
+    """What a training or search checkpoint holds: weights plus whatever says how they were made."""
+    state_dict: Dict[str, torch.Tensor]
+    path: str
+    arch: Optional[str] = None
+    genotype: Optional[Any] = None
+    train_args: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_config(self) -> Dict[str, Any]:
+        """The preprocessing arguments the checkpoint was trained/evaluated with (timm train.py args), if known."""
+        return {k: self.train_args[k] for k in _DATA_CONFIG_KEYS if self.train_args.get(k)}
+
+
+def _torch_load(path: str) -> Any:
+    # timm train.py stores its argparse.Namespace under 'args'; allow exactly that class, nothing else unpickled.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        raise ValueError(f'Cannot load checkpoint {path!r} with torch.load(weights_only=True): {e}. It must be a '
+                         f'timm train.py checkpoint, a PMPL search checkpoint or a plain state_dict.') from e
+
+
+def load_trained_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False) -> TrainedCheckpoint:
+    """Read a timm train.py checkpoint (`state_dict`, `arch`, `args`), a search checkpoint (`state_dict`,
+    `genotype`) or a plain state_dict / safetensors file, without unpickling arbitrary objects."""
+    from timm.models import clean_state_dict
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Checkpoint {path!r} does not exist.')
+    if path.endswith('.safetensors'):
+        import safetensors.torch
+        genotype = read_safetensors_genotype(path)
+        return TrainedCheckpoint(state_dict=safetensors.torch.load_file(path), path=path, genotype=genotype)
+    data = _torch_load(path)
+    if not isinstance(data, dict):
+        raise ValueError(f'Checkpoint {path!r} holds a {type(data).__name__}, not a dict of tensors.')
+    if 'state_dict' not in data:
+        # A plain state_dict: every value a tensor.
+        if not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise ValueError(f"Checkpoint {path!r} has no 'state_dict' key and is not a plain state_dict "
+                             f"(keys: {', '.join(list(map(str, data))[:8])}).")
+        return TrainedCheckpoint(state_dict=clean_state_dict(data), path=path)
+    key = 'state_dict'
+    if use_ema:
+        if 'state_dict_ema' not in data:
+            raise ValueError(f"--use-ema: checkpoint {path!r} has no 'state_dict_ema' (train with --model-ema).")
+        key = 'state_dict_ema'
+    args = data.get('args')
+    train_args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    genotype = data.get('genotype')
+    if genotype is None:
+        genotype = (train_args.get('model_kwargs') or {}).get('genotype')
+    return TrainedCheckpoint(
+        state_dict=clean_state_dict(data[key]), path=path, arch=data.get('arch'), genotype=genotype,
+        train_args=train_args)
+
+
+def parse_checkpoint_genotype(value: Any, num_slots: int) -> Genotype:
+    """A checkpoint's genotype in any stored form: a `Genotype.to_dict()` dict or anything `Genotype.parse` takes."""
+    if isinstance(value, dict):
+        return Genotype.parse(Genotype.from_dict(value, source='checkpoint genotype'), num_slots=num_slots)
+    return Genotype.parse(value, num_slots=num_slots)
+
+
+def enhancer_slot_names(model: nn.Module) -> List[str]:
+    """`blocks.i.j` of each enhancer slot's block, in slot order."""
+    slot_blocks = {id(b) for b in model.enhancer_blocks()}
+    return [f'blocks.{i}.{j}' for i, stage in enumerate(model.blocks) for j, b in enumerate(stage)
+            if id(b) in slot_blocks]
+
+
+def _slot_state(state_dict: Mapping[str, torch.Tensor], block_name: str) -> Dict[str, torch.Tensor]:
+    prefix = f'{block_name}.se.'
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def fixed_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map search-space (supernet) slot weights onto `model`'s fixed genotype.
+
+    An open MetaPooling slot stores every candidate (`se.ops.<op>.*`) and its logits (`se.arch_alpha`); a fixed
+    slot stores the chosen op's weights as `se.*`. The chosen op's weights are kept, the rest dropped: the same
+    result as `model.fix_to_genotype()` on the supernet. Slots already in fixed form pass through unchanged.
+    """
+    out = dict(state_dict)
+    for block_name, op_name in zip(enhancer_slot_names(model), model.genotype):
+        prefix = f'{block_name}.se.'
+        chosen = f'{prefix}ops.{op_name}.'
+        for key in [k for k in out if k.startswith(prefix + 'ops.') or k == prefix + ARCH_PARAM_NAME]:
+            value = out.pop(key)
+            if key.startswith(chosen):
+                out[prefix + key[len(chosen):]] = value
+    return out
+
+
+def _describe_slot_weights(weights: Mapping[str, torch.Tensor]) -> str:
+    if not weights:
+        return 'no weights (a parameter-free op: skip, max* or avg*)'
+    if any(k.startswith('ops.') or k == ARCH_PARAM_NAME for k in weights):
+        return 'search-space (MetaPooling supernet) weights; export them with `python -m train_hooks.publish`'
+    shapes = ', '.join(f'{k} {tuple(v.shape)}' for k, v in sorted(weights.items()))
+    return f"'global' enhancer weights ({shapes})"
+
+
+def verify_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise `GenotypeMismatchError` naming the first enhancer slot whose weights do not fit `model`'s genotype.
+
+    Compares each slot's keys and shapes before `load_state_dict` runs, so the error says which slot and which op
+    instead of listing raw missing/unexpected keys.
+    """
+    genotype = model.genotype
+    if genotype is None:
+        raise ValueError('The model still has open search slots (genotype=None); build it with the genotype of '
+                         'the weights.')
+    slots = model.enhancer_slots()
+    for index, (block_name, op_name, slot) in enumerate(zip(enhancer_slot_names(model), genotype, slots)):
+        have = _slot_state(state_dict, block_name)
+        want = slot.state_dict()
+        fits = have.keys() == want.keys() and all(have[k].shape == want[k].shape for k in want)
+        if not fits:
+            raise GenotypeMismatchError(
+                f'Enhancer slot {index} ({block_name}): the checkpoint holds {_describe_slot_weights(have)}, but '
+                f'the genotype asks for {op_name!r}, which needs {_describe_slot_weights(want)}. The weights were '
+                f'trained with another genotype (or another model width): build the model with the genotype '
+                f'stored with the weights (config.json model_args.genotype, or the safetensors metadata).')
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm `pretrained_filter_fn`: refuse pretrained weights made for another genotype, before loading them.
+
+    Checks the genotype in the weights file's metadata (when the file is on disk, as after a Hub download) and
+    every enhancer slot's keys and shapes; returns the state_dict unchanged.
+    """
+    from timm.models._builder import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(model.pretrained_cfg.get('architecture'), pretrained_cfg=dict(model.pretrained_cfg))
+    weights_file = local_weights_file(cfg)
+    if weights_file and weights_file.endswith('.safetensors') and model.genotype is not None:
+        stored = read_safetensors_genotype(weights_file)
+        difference = stored and first_genotype_difference(
+            Genotype.parse(stored), model.genotype, enhancer_slot_names(model))
+        if difference:
+            raise GenotypeMismatchError(
+                f'Weights {weights_file!r} were trained with another genotype: {difference}. Build the model with '
+                f'the genotype stored with them ({stored}).')
+    verify_state_dict(state_dict, model)
+    return state_dict
+
+
+def _infer_head(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """num_classes and in_chans the weights were trained with (classifier and stem shapes)."""
+    args = {}
+    if 'classifier.weight' in state_dict:
+        args['num_classes'] = int(state_dict['classifier.weight'].shape[0])
+    elif any(k.startswith('conv_head.') for k in state_dict):
+        args['num_classes'] = 0  # trained or exported without a classifier
+    if 'conv_stem.weight' in state_dict:
+        args['in_chans'] = int(state_dict['conv_stem.weight'].shape[1])
+    return args
+
+
+def build_model_for_weights(
+        model_name: str,
+        genotype: GenotypeLike,
+        state_dict: Mapping[str, torch.Tensor],
+) -> nn.Module:
+    """Build `model_name` with `genotype` and load `state_dict` into it, strictly, in eval mode.
+
+    Search-space checkpoints are mapped onto the genotype first; num_classes and in_chans follow the weights.
+    """
+    import timm
+
+    model = timm.create_model(model_name, genotype=genotype, **_infer_head(state_dict))
+    weights = fixed_state_dict(state_dict, model)
+    verify_state_dict(weights, model)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f'The weights do not fit {model_name} outside the enhancer slots (another model width or '
+                         f'depth?): {e}') from e
+    return model.eval()
+
+
+def _genotype_table(model: nn.Module) -> str:
+    rows = ['| slot | block | channels | enhancer |', '|---:|---|---:|---|']
+    for index, (name, block, op_name) in enumerate(zip(enhancer_slot_names(model), model.enhancer_blocks(),
+                                                       model.genotype)):
+        rows.append(f'| {index} | `{name}` | {block.conv_dw.out_channels} | `{op_name}` |')
+    return '\n'.join(rows)
+
+
+def _metrics_table(metrics: Mapping[str, Any]) -> str:
+    rows = ['| metric | value |', '|---|---:|']
+    rows += [f'| {k} | {v} |' for k, v in metrics.items()]
+    return '\n'.join(rows)
+
+
+def read_metrics(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Metrics for the model card: a flat JSON object, or timm train.py's `summary.csv` (its best `eval_top1` row)."""
+    path = str(path)
+    try:
+        if path.endswith('.csv'):
+            with open(path, newline='', encoding='utf-8') as f:
+                rows = list(csv.DictReader(f))
+            if not rows:
+                raise ValueError('it has no rows')
+            best = max(rows, key=lambda r: float(r.get('eval_top1') or 'nan'))
+            return {k: v for k, v in best.items() if k.startswith('eval_') or k == 'epoch'}
+        with open(path, encoding='utf-8') as f:
+            metrics = json.load(f)
+        if not isinstance(metrics, dict):
+            raise ValueError('it is not a JSON object')
+        return metrics
+    except (OSError, ValueError) as e:
+        raise ValueError(f'Cannot read metrics {path!r}: {e}. Give a JSON object of name -> value or timm '
+                         f"train.py's summary.csv.") from e
+
+
+def render_model_card(
+        model: nn.Module,
+        model_name: str,
+        repo_id: Optional[str] = None,
+        search_plot: Optional[str] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
+        dataset: Optional[str] = None,
+) -> str:
+    """README.md for an export: timm's model card plus the genotype table, search plot, metrics and citation."""
+    from timm.models._hub import generate_readme
+
+    load_name = f'hf-hub:{repo_id}' if repo_id else 'local-dir:PATH/TO/THIS/FOLDER'
+    genotype = model.genotype.to_string()
+    sections = [
+        'MobileNetV2 with Meta-Pooling receptive-field enhancers: one enhancer per inverted-residual block, chosen '
+        'by Progressive Meta-Pooling Learning (PMPL). The genotype below is part of the architecture; it is stored '
+        "in `config.json` (`model_args.genotype`) and in the safetensors metadata, and timm rebuilds it on load.",
+        f'\n## Genotype\n\n`{genotype}`\n\n{_genotype_table(model)}',
+    ]
+    if search_plot:
+        sections.append(f'\n## Search\n\n![PMPL search]({search_plot})')
+    if metrics:
+        sections.append(f'\n## Metrics\n\n{_metrics_table(metrics)}')
+    details = {
+        'Model Type': 'Image classification / feature backbone',
+        'Architecture': model_name,
+        'Params (M)': round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        'Classes': model.num_classes,
+        'Papers': ['Progressive Meta-Pooling Learning for Lightweight Image Classification Model'],
+    }
+    if dataset:
+        details['Dataset'] = dataset
+    usage = (
+        '```python\nimport timm\nimport timm_metapool  # registers the mobilenetv2_metapool_* architectures\n\n'
+        f"model = timm.create_model('{load_name}', pretrained=True).eval()\n"
+        'print(model.genotype)\n```\n'
+    )
+    card = dict(
+        tags=['image-classification', 'timm', 'timm-metapool', 'meta-pooling'],
+        license=model.pretrained_cfg.get('license', 'apache-2.0'),
+        description='\n'.join(sections),
+        details=details,
+        usage=usage,
+        citation=PAPER_CITATION,
+    )
+    return generate_readme(card, repo_id.split('/')[-1] if repo_id else model_name)
+
+
+def _write_safetensors_with_genotype(model: nn.Module, path: Path, model_name: str) -> None:
+    import safetensors.torch
+
+    # timm's save_for_hf writes the same tensors without header metadata; rewrite them with the genotype attached.
+    metadata = {'format': 'pt', SAFETENSORS_GENOTYPE_KEY: model.genotype.to_string(), 'architecture': model_name}
+    safetensors.torch.save_file(model.state_dict(), str(path), metadata=metadata)
+
+
+def export_for_hub(
+        model: nn.Module,
+        out_dir: Union[str, os.PathLike],
+        model_name: Optional[str] = None,
+        repo_id: Optional[str] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        search_plot: Optional[Union[str, os.PathLike]] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
+        dataset: Optional[str] = None,
+) -> Path:
+    """Write `config.json`, `model.safetensors` (genotype in its metadata) and `README.md` to a new `out_dir`.
+
+    Everything is written to a temporary sibling folder first and moved into place at the end, so a failure leaves
+    nothing half-written and an existing `out_dir` is never touched.
+    """
+    from timm.models import save_for_hf
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f'Output directory {str(out_dir)!r} already exists; give a new --out (nothing was '
+                              f'written).')
+    if model.genotype is None:
+        raise ValueError('The model has open search slots; fix them (model.fix_to_genotype()) before exporting.')
+    if search_plot is not None and not os.path.isfile(search_plot):
+        raise FileNotFoundError(f'Search plot {str(search_plot)!r} does not exist.')
+    model_name = model_name or model.pretrained_cfg['architecture']
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    try:
+        save_for_hf(model.eval(), str(staging), model_args=dict(genotype=model.genotype.to_string()),
+                    safe_serialization=True, data_config=data_config)
+        _write_safetensors_with_genotype(model, staging / 'model.safetensors', model_name)
+        plot_name = None
+        if search_plot is not None:
+            plot_name = 'search_plot' + Path(search_plot).suffix
+            shutil.copyfile(search_plot, staging / plot_name)
+        card = render_model_card(model, model_name, repo_id=repo_id, search_plot=plot_name, metrics=metrics,
+                                 dataset=dataset)
+        (staging / 'README.md').write_text(card, encoding='utf-8')
+        if out_dir.exists():  # appeared while we were writing
+            raise FileExistsError(f'Output directory {str(out_dir)!r} appeared during the export; nothing was '
+                                  f'written to it.')
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def check_push_credentials(token: Optional[str] = None) -> str:
+    """The Hugging Face token a push will use; fails before any work if there is none or the Hub is offline."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError('HF_HUB_OFFLINE is set: cannot push. Unset it, or publish without --push and upload the '
+                           'export folder later.')
+    token = token or get_token()
+    if not token:
+        raise RuntimeError('No Hugging Face token found: run `hf auth login` (or set HF_TOKEN, or pass --token) '
+                           'before --push. The export folder can be uploaded later with `hf upload`.')
+    return token
+
+
+def push_export(
+        out_dir: Union[str, os.PathLike],
+        repo_id: str,
+        token: Optional[str] = None,
+        private: bool = False,
+        commit_message: str = 'Add Meta-Pooling model',
+) -> Tuple[str, Any]:
+    """Upload an export folder as it is (weights, genotype metadata, card) to `repo_id`; returns (repo_id, commit).
+
+    Same steps as timm's `push_to_hf_hub` (create the repo if needed, upload one folder), but uploading the files
+    already written: `push_to_hf_hub` re-serialises the model and would drop the genotype from the safetensors header.
+    """
+    from huggingface_hub import HfApi
+    from timm import __version__ as timm_version
+
+    token = check_push_credentials(token)
+    api = HfApi(token=token, library_name='timm', library_version=timm_version)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(out_dir), commit_message=commit_message)
+    return repo_id, commit

@@ -1,0 +1,136 @@
+"""Export a trained Meta-Pooling model for the Hugging Face Hub, and optionally push it.
+
+    python -m train_hooks.publish --checkpoint output/train/RUN/model_best.pth.tar \\
+        --model mobilenetv2_metapool_100 --out exports/my-model [--genotype runs/search1/genotype.json] \\
+        [--repo-id ORG/NAME --push]
+
+Accepts timm train.py checkpoints (`checkpoint-*.pth.tar`, `model_best.pth.tar`: genotype read from the training
+`--model-kwargs`), the PMPL search's `last.pth` (genotype stored in it) and plain state_dicts (give --genotype).
+The export is checked by loading it back with `timm.create_model('local-dir:OUT', pretrained=True)`.
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ['main']
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='timm-metapool-publish',
+        description='Export a Meta-Pooling checkpoint as a timm Hub folder (config.json, model.safetensors, '
+                    'README.md), genotype included, and optionally push it to the Hugging Face Hub.')
+    parser.add_argument('--checkpoint', required=True, help='timm train.py checkpoint, search last.pth, or state_dict')
+    parser.add_argument('--model', required=True, help='architecture, e.g. mobilenetv2_metapool_100')
+    parser.add_argument('--genotype', default=None,
+                        help="genotype JSON path or string ('skip,global,...'); default: the one in the checkpoint")
+    parser.add_argument('--out', required=True, help='new folder to write the export to (must not exist)')
+    parser.add_argument('--repo-id', default=None, help='Hub repo ORG/NAME (named in the model card; used by --push)')
+    parser.add_argument('--push', action='store_true', help='upload the export to --repo-id')
+    parser.add_argument('--private', action='store_true', help='create the Hub repo as private')
+    parser.add_argument('--token', default=None, help='Hugging Face token (default: the logged-in one / HF_TOKEN)')
+    parser.add_argument('--use-ema', action='store_true', help="export the checkpoint's EMA weights")
+    parser.add_argument('--search-plot', default=None, help='image of the search (e.g. alpha per slot) for the card')
+    parser.add_argument('--metrics', default=None, help="JSON object of metrics, or timm train.py's summary.csv")
+    parser.add_argument('--dataset', default=None, help='dataset name for the model card')
+    return parser
+
+
+def _check_model_name(model_name: str, checkpoint_arch: Optional[str]) -> None:
+    import timm
+    from timm.models import split_model_name_tag
+
+    known = timm.list_models('mobilenetv2_metapool_*')
+    if model_name not in known:
+        raise ValueError(f"Unknown architecture {model_name!r}: publish exports Meta-Pooling models, one of "
+                         f"{', '.join(known)}.")
+    if checkpoint_arch and split_model_name_tag(checkpoint_arch)[0] != model_name:
+        raise ValueError(f'The checkpoint was trained as {checkpoint_arch!r}, not {model_name!r}; pass '
+                         f'--model {checkpoint_arch}.')
+
+
+def _choose_genotype(requested: Optional[str], stored, num_slots: int, checkpoint_path: str):
+    from timm_metapool.hub import parse_checkpoint_genotype
+    from timm_metapool.pretrained import first_genotype_difference
+
+    if requested is None and stored is None:
+        raise ValueError(f'Checkpoint {checkpoint_path!r} does not say which genotype it was trained with; pass '
+                         f'--genotype (the genotype.json of the search, or the string used for training).')
+    if requested is None:
+        try:
+            return parse_checkpoint_genotype(stored, num_slots)
+        except ValueError as e:
+            raise ValueError(f'The genotype stored in checkpoint {checkpoint_path!r} is unusable ({e}); pass '
+                             f'--genotype.') from e
+    genotype = parse_checkpoint_genotype(requested, num_slots)
+    if stored is not None:
+        try:
+            difference = first_genotype_difference(parse_checkpoint_genotype(stored, num_slots), genotype)
+        except ValueError:  # e.g. a training-time JSON path that no longer exists: --genotype replaces it
+            difference = None
+        if difference:
+            raise ValueError(f'--genotype disagrees with the genotype stored in the checkpoint: {difference}. '
+                             f'Leave --genotype out to use the stored one.')
+    return genotype
+
+
+def publish(args: argparse.Namespace) -> str:
+    """Run the export (and push); returns the line a user loads the result with."""
+    import timm
+    import timm_metapool  # noqa: F401  registers the architectures
+    from timm_metapool import hub
+
+    if args.push and not args.repo_id:
+        raise ValueError('--push needs --repo-id ORG/NAME.')
+    token = hub.check_push_credentials(args.token) if args.push else None
+    if Path(args.out).exists():
+        raise FileExistsError(f'Output directory {args.out!r} already exists; give a new --out (nothing was written).')
+    metrics = hub.read_metrics(args.metrics) if args.metrics else None
+
+    checkpoint = hub.load_trained_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    _check_model_name(args.model, checkpoint.arch)
+    # Presets ('skip', 'random:0') need the slot count; a parameter-free build is the one place that knows it.
+    num_slots = timm.create_model(args.model, genotype='skip').num_slots
+    genotype = _choose_genotype(args.genotype, checkpoint.genotype, num_slots, checkpoint.path)
+    model = hub.build_model_for_weights(args.model, genotype, checkpoint.state_dict)
+
+    out = hub.export_for_hub(
+        model, args.out, model_name=args.model, repo_id=args.repo_id, data_config=checkpoint.data_config,
+        search_plot=args.search_plot, metrics=metrics, dataset=args.dataset)
+    _verify_export(model, out)
+    print(f'Exported {args.model} with genotype {genotype} to {out}')
+    if args.push:
+        repo_id, commit = hub.push_export(out, args.repo_id, token=token, private=args.private)
+        print(f'Pushed to https://huggingface.co/{repo_id} ({commit})')
+        return f"timm.create_model('hf-hub:{repo_id}', pretrained=True)"
+    return f"timm.create_model('local-dir:{out}', pretrained=True)"
+
+
+def _verify_export(model: torch.nn.Module, out) -> None:
+    """Load the export back through timm and require identical outputs: the export must be the model."""
+    import timm
+
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, model.pretrained_cfg['input_size'][0], 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = torch.equal(model(x), reloaded(x))
+    if not same or reloaded.genotype != model.genotype:
+        raise RuntimeError(f'The export in {out} does not reproduce the model; do not publish it (please report '
+                           f'this as a bug).')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        load_line = publish(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f'timm-metapool-publish: error: {e}')
+    print(f'Load it with:\n  import timm, timm_metapool\n  {load_line}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
