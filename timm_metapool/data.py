@@ -1,0 +1,155 @@
+"""Data plumbing for the PMPL search: the meta split carved from the training split, and the embedded demo dataset.
+
+The paper (Sec. 2.2) creates the meta dataset "by separating the original training dataset"; the validation split is
+never used to update alpha.
+"""
+import os
+from collections import defaultdict
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ['dataset_targets', 'stratified_split', 'DatasetSplit', 'DEMO_CLASSES', 'generate_demo_dataset']
+
+
+def dataset_targets(dataset: Any) -> List[int]:
+    """Class index of every sample, read from the dataset's index (no image is decoded).
+
+    Knows timm's folder/tar readers (`ImageDataset.reader.samples`/`.targets`), timm's `hfds/` reader and
+    torchvision datasets (`.targets`).
+    """
+    reader = getattr(dataset, 'reader', None)
+    if reader is not None:
+        if hasattr(reader, 'targets'):
+            return [int(t) for t in reader.targets]
+        if hasattr(reader, 'samples'):
+            return [int(t) for _, t in reader.samples]
+        if hasattr(reader, 'dataset') and hasattr(reader, 'label_key'):
+            return [int(t) for t in reader.dataset[reader.label_key]]
+    if hasattr(dataset, 'targets'):
+        targets = dataset.targets
+        return [int(t) for t in (targets.tolist() if torch.is_tensor(targets) else targets)]
+    raise ValueError(
+        f'Cannot read the class labels of a {type(dataset).__name__} without decoding every image, so the meta '
+        f'split cannot be stratified. Use an image-folder, tar, hfds/ or torch/ dataset from timm.data.create_dataset.')
+
+
+def stratified_split(targets: Sequence[int], meta_fraction: float, seed: int = 0) -> Tuple[List[int], List[int]]:
+    """Split sample indices into (train, meta), per class, with a seeded shuffle.
+
+    Each class puts round(fraction * n) of its samples into the meta split, at least one on each side.
+    """
+    if not 0.0 < meta_fraction < 1.0:
+        raise ValueError(f'meta_fraction must be strictly between 0 and 1, got {meta_fraction}.')
+    by_class: Dict[int, List[int]] = defaultdict(list)
+    for index, target in enumerate(targets):
+        by_class[int(target)].append(index)
+    if not by_class:
+        raise ValueError('The training split is empty: nothing to carve a meta split from.')
+    rng = np.random.default_rng(seed)
+    train, meta = [], []
+    for target in sorted(by_class):
+        indices = by_class[target]
+        if len(indices) < 2:
+            raise ValueError(f'Class {target} has {len(indices)} image(s); each class needs at least 2 so that both '
+                             f'the train and the meta split get one. Add images or drop the class.')
+        shuffled = [indices[i] for i in rng.permutation(len(indices))]
+        n_meta = min(max(1, round(meta_fraction * len(indices))), len(indices) - 1)
+        meta.extend(shuffled[:n_meta])
+        train.extend(shuffled[n_meta:])
+    return sorted(train), sorted(meta)
+
+
+class DatasetSplit(torch.utils.data.Dataset):
+    """A view of `dataset` restricted to `indices` that forwards `transform` to it.
+
+    timm's `create_loader` assigns `loader.dataset.transform`; a `torch.utils.data.Subset` would swallow that
+    assignment, leaving the images untransformed. Give each split its own underlying dataset object so the train
+    and meta splits can carry different transforms.
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+DEMO_CLASSES: Tuple[str, ...] = (
+    'horizontal_stripes', 'vertical_stripes', 'diagonal_stripes', 'checkerboard', 'disk', 'ring', 'cross', 'corners',
+)
+
+
+def _demo_pattern(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One grayscale pattern in [0, 1]. Periods, phases, positions and radii vary per image."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = rng.uniform(4.0, 9.0)
+    phase = rng.uniform(0, 2 * np.pi)
+    cy, cx = rng.uniform(0.3 * size, 0.7 * size, size=2)
+    radius = rng.uniform(0.15 * size, 0.3 * size)
+    if name == 'horizontal_stripes':
+        return 0.5 + 0.5 * np.sin(2 * np.pi * yy / period + phase)
+    if name == 'vertical_stripes':
+        return 0.5 + 0.5 * np.sin(2 * np.pi * xx / period + phase)
+    if name == 'diagonal_stripes':
+        return 0.5 + 0.5 * np.sin(2 * np.pi * (xx + yy) / (1.4 * period) + phase)
+    if name == 'checkerboard':
+        return ((np.floor(xx / (period / 2)) + np.floor(yy / (period / 2))) % 2).astype(np.float32)
+    dist = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    if name == 'disk':
+        return (dist < radius).astype(np.float32)
+    if name == 'ring':
+        return (np.abs(dist - radius) < max(1.5, radius * 0.25)).astype(np.float32)
+    if name == 'cross':
+        width = max(1.5, size * rng.uniform(0.05, 0.1))
+        return ((np.abs(yy - cy) < width) | (np.abs(xx - cx) < width)).astype(np.float32)
+    if name == 'corners':
+        quadrant = (yy < cy) ^ (xx < cx)
+        return quadrant.astype(np.float32)
+    raise ValueError(f'Unknown demo class {name!r}; classes are {DEMO_CLASSES}.')
+
+
+def _demo_image(name: str, size: int, rng: np.random.Generator) -> Image.Image:
+    pattern = _demo_pattern(name, size, rng)
+    fg, bg = rng.uniform(0, 1, size=(2, 3))
+    image = pattern[..., None] * fg + (1 - pattern[..., None]) * bg
+    image = image + rng.normal(0, 0.08, size=image.shape)  # sensor noise, so pixels alone do not give the class
+    return Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), mode='RGB')
+
+
+def generate_demo_dataset(
+        root: str,
+        images_per_class: Dict[str, int] = None,
+        image_size: int = 32,
+        seed: int = 0,
+) -> str:
+    """Write the embedded procedural dataset as an ImageFolder: `root/<split>/<class>/<index>.png`.
+
+    Eight texture and shape classes (`DEMO_CLASSES`) whose labels depend on spatial context, seeded, no downloads.
+    Default sizes: 60 train and 20 validation images per class. Refuses to write into a non-empty directory.
+    """
+    images_per_class = images_per_class or {'train': 60, 'validation': 20}
+    if os.path.isdir(root) and os.listdir(root):
+        raise FileExistsError(f'Demo dataset directory {root!r} exists and is not empty; choose another path.')
+    rng = np.random.default_rng(seed)
+    for split, count in images_per_class.items():
+        for name in DEMO_CLASSES:
+            class_dir = os.path.join(root, split, name)
+            os.makedirs(class_dir, exist_ok=True)
+            for index in range(count):
+                _demo_image(name, image_size, rng).save(os.path.join(class_dir, f'{index:04d}.png'))
+    return root

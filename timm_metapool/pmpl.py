@@ -1,0 +1,273 @@
+"""Progressive Meta-Pooling Learning (PMPL), paper Sec. 2.2 and Algorithm 1.
+
+One iteration (`PMPLSearch.step`):
+  1. g = grad_theta L_tr(theta, alpha) on a train batch;
+  2. theta' = theta - zeta * g;  alpha <- Adam(alpha, grad_alpha L_mt(theta', alpha)) on a meta batch  (Eq. 3);
+     theta (and BN statistics) restored exactly;
+  3. theta <- SGD(theta, g)  (momentum, weight decay, cosine lr);
+  4. progressive early stopping (Eq. 4): every open slot whose softmax(alpha) has a margin >= rho is fixed to its
+     argmax, its alpha frozen and its other candidates removed from the network.
+"""
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .mobilenetv2_metapool import MetaPoolingMixin
+
+__all__ = [
+    'PMPLConfig', 'FixEvent', 'StepStats', 'PMPLSearch', 'confident_argmax', 'fix_confident_slots',
+    'prune_optimizer', 'build_optimizers',
+]
+
+
+def confident_argmax(probabilities: torch.Tensor, rho: float) -> Optional[int]:
+    """Eq. 4: k = argmax pi if pi_k - pi_m >= rho for every m != k, else None."""
+    k = int(torch.argmax(probabilities))
+    others = torch.cat([probabilities[:k], probabilities[k + 1:]])
+    margin = probabilities[k] - others.max()
+    return k if float(margin) >= rho else None
+
+
+@dataclass
+class FixEvent:
+    """A slot fixed by Eq. 4 (or forced to its argmax when the search ran out of epochs)."""
+    slot: int
+    op_name: str
+    step: int
+    epoch: int
+    probabilities: List[float]
+    forced: bool = False
+
+
+def fix_confident_slots(
+        model: MetaPoolingMixin,
+        rho: float,
+        step: int = 0,
+        epoch: int = 0,
+        force: bool = False,
+) -> List[FixEvent]:
+    """Fix every open slot that meets Eq. 4 (every open slot if `force`) to argmax(softmax(alpha))."""
+    events = []
+    for slot in model.open_slots():
+        pi = model.enhancer_slots()[slot].probabilities().detach()
+        k = int(torch.argmax(pi)) if force else confident_argmax(pi, rho)
+        if k is None:
+            continue
+        op_name = model.enhancer_slots()[slot].op_names[k]
+        model.fix_slot(slot, op_name)
+        events.append(FixEvent(slot, op_name, step, epoch, pi.tolist(), forced=force))
+    return events
+
+
+def prune_optimizer(optimizer: torch.optim.Optimizer, keep: Iterable[nn.Parameter]) -> None:
+    """Drop parameters (and their optimizer state) that left the model, keeping state of the rest."""
+    keep_ids = {id(p) for p in keep}
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            if id(p) not in keep_ids:
+                optimizer.state.pop(p, None)
+        group['params'] = [p for p in group['params'] if id(p) in keep_ids]
+
+
+@dataclass
+class PMPLConfig:
+    """Defaults are the paper's (Sec. 3.1)."""
+    lr: float = 0.05                 # zeta: SGD lr of the weights, also the virtual-step size
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    arch_lr: float = 3e-4            # eta: Adam lr of alpha
+    arch_weight_decay: float = 1e-3
+    rho: float = 0.2                 # Eq. 4 threshold
+    first_order: bool = False        # DARTS first-order: alpha gradient at theta, no virtual step
+    early_stop: bool = True          # False: never fix mid-search (for the ablation of progressive stopping)
+
+    def __post_init__(self):
+        if not 0.0 < self.rho <= 1.0:
+            raise ValueError(f'rho must be in (0, 1], got {self.rho}: it is a margin between probabilities.')
+        for name in ('lr', 'arch_lr'):
+            if not getattr(self, name) > 0:
+                raise ValueError(f'{name} must be positive, got {getattr(self, name)}.')
+
+
+def build_optimizers(model: MetaPoolingMixin, config: PMPLConfig) -> Tuple[torch.optim.SGD, torch.optim.Adam]:
+    """SGD for the weights theta and Adam for alpha: two separate parameter groups (Sec. 3.1)."""
+    weight_optimizer = torch.optim.SGD(
+        model.weight_parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    # A group dict, because a finished search has no alpha left and optimizers refuse a bare empty list.
+    arch_optimizer = torch.optim.Adam(
+        [{'params': model.arch_parameters()}], lr=config.arch_lr, weight_decay=config.arch_weight_decay)
+    return weight_optimizer, arch_optimizer
+
+
+@dataclass
+class StepStats:
+    train_loss: float
+    meta_loss: float
+    train_correct: int
+    meta_correct: int
+    batch_size: int
+    meta_batch_size: int
+    fixed: List[FixEvent] = field(default_factory=list)
+
+
+def _all_reduce_mean(tensors: List[torch.Tensor]) -> None:
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class PMPLSearch:
+    """Holds the supernet, its two optimizers and Algorithm 1's state; `step` runs one iteration.
+
+    `wrap` turns the model into the module used for the weight pass (DistributedDataParallel under torchrun); it is
+    called again whenever slots are fixed, since fixing removes parameters from the network.
+    """
+
+    def __init__(
+            self,
+            model: MetaPoolingMixin,
+            config: PMPLConfig,
+            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.CrossEntropyLoss(),
+            wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+            autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+            grad_scaler: Optional[torch.amp.GradScaler] = None,
+    ):
+        self.model = model
+        self.config = config
+        self.loss_fn = loss_fn
+        self._wrap = wrap
+        self.autocast = autocast
+        self.grad_scaler = grad_scaler
+        self.weight_optimizer, self.arch_optimizer = build_optimizers(model, config)
+        self.fix_events: List[FixEvent] = []
+        self._freeze_alpha()  # alpha gets gradients only in the meta pass, so the weight pass never syncs them
+        self.train_module = wrap(model)
+
+    @property
+    def lr(self) -> float:
+        return self.weight_optimizer.param_groups[0]['lr']
+
+    @property
+    def done(self) -> bool:
+        return not self.model.open_slots()
+
+    def _freeze_alpha(self) -> None:
+        for alpha in self.model.arch_parameters():
+            alpha.requires_grad_(False)
+
+    def step(self, train_batch: Tuple[torch.Tensor, torch.Tensor], meta_batch: Tuple[torch.Tensor, torch.Tensor],
+             step: int = 0, epoch: int = 0) -> StepStats:
+        """Algorithm 1, one iteration."""
+        train_loss, train_correct = self.weight_gradient(*train_batch)            # g = grad_theta L_tr
+        meta_loss, meta_correct = self.update_alpha(*meta_batch)                   # Eq. 3 outer step
+        self.update_weights()                                                      # theta <- theta - zeta g
+        fixed = self.apply_early_stopping(step, epoch) if self.config.early_stop else []  # Eq. 4
+        return StepStats(train_loss, meta_loss, train_correct, meta_correct, len(train_batch[1]),
+                         len(meta_batch[1]), fixed)
+
+    def weight_gradient(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[float, int]:
+        """Fill `.grad` of the weights with g = grad_theta L_tr(theta, alpha) (synchronised across ranks by DDP)."""
+        self.model.train()
+        self.weight_optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = self.train_module(images)
+            loss = self.loss_fn(logits, targets)
+        _check_finite(loss, 'train')
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.weight_optimizer)  # the virtual step needs the true g
+        else:
+            loss.backward()
+        return float(loss.detach()), int((logits.detach().argmax(-1) == targets).sum())
+
+    def update_alpha(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[float, int]:
+        """theta' = theta - zeta * g; Adam step on alpha with grad_alpha L_mt(theta', alpha); restore theta."""
+        alphas = self.model.arch_parameters()
+        if not alphas:
+            return float('nan'), 0
+        weights = [p for p in self.model.weight_parameters() if p.grad is not None]
+        saved_weights = [p.detach().clone() for p in weights]
+        saved_buffers = [b.detach().clone() for b in self.model.buffers()]  # the meta pass must not move BN stats
+        try:
+            if not self.config.first_order:
+                with torch.no_grad():
+                    torch._foreach_add_(weights, [p.grad for p in weights], alpha=-self.lr)
+            for alpha in alphas:
+                alpha.requires_grad_(True)
+            with self.autocast():
+                logits = self.model(images)
+                loss = self.loss_fn(logits, targets)
+            _check_finite(loss, 'meta')
+            grads = torch.autograd.grad(loss, alphas)
+        finally:
+            self._freeze_alpha()
+            with torch.no_grad():
+                for p, saved in zip(weights, saved_weights):
+                    p.copy_(saved)
+                for b, saved in zip(self.model.buffers(), saved_buffers):
+                    b.copy_(saved)
+        grads = [g.float() for g in grads]
+        _all_reduce_mean(grads)  # every rank takes the same alpha step, hence the same Eq. 4 decisions
+        for alpha, g in zip(alphas, grads):
+            alpha.grad = g.to(alpha.dtype)
+        if all(torch.isfinite(g).all() for g in grads):
+            self.arch_optimizer.step()
+        self.arch_optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), int((logits.detach().argmax(-1) == targets).sum())
+
+    def update_weights(self) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.weight_optimizer)
+            self.grad_scaler.update()
+        else:
+            self.weight_optimizer.step()
+
+    def apply_early_stopping(self, step: int, epoch: int, force: bool = False) -> List[FixEvent]:
+        """Eq. 4 on every open slot; fixed slots leave both optimizers and the weight-pass wrapper is rebuilt."""
+        events = fix_confident_slots(self.model, self.config.rho, step=step, epoch=epoch, force=force)
+        if events:
+            self.fix_events.extend(events)
+            prune_optimizer(self.weight_optimizer, self.model.weight_parameters())
+            prune_optimizer(self.arch_optimizer, self.model.arch_parameters())
+            self.train_module = self._wrap(self.model)
+        return events
+
+    def state_dict(self) -> Dict:
+        return {
+            'model': self.model.state_dict(),
+            'weight_optimizer': self.weight_optimizer.state_dict(),
+            'arch_optimizer': self.arch_optimizer.state_dict(),
+            'fix_events': [asdict(e) for e in self.fix_events],
+            'grad_scaler': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Re-apply the recorded fixes to a fresh supernet, then load weights, alpha and optimizer state."""
+        self.fix_events = [FixEvent(**e) for e in state['fix_events']]
+        for event in self.fix_events:
+            self.model.fix_slot(event.slot, event.op_name)
+        self.model.load_state_dict(state['model'])
+        self.weight_optimizer, self.arch_optimizer = build_optimizers(self.model, self.config)
+        self.weight_optimizer.load_state_dict(state['weight_optimizer'])
+        self.arch_optimizer.load_state_dict(state['arch_optimizer'])
+        if self.grad_scaler is not None and state.get('grad_scaler'):
+            self.grad_scaler.load_state_dict(state['grad_scaler'])
+        self._freeze_alpha()
+        self.train_module = self._wrap(self.model)
+
+
+def _check_finite(loss: torch.Tensor, which: str) -> None:
+    if not torch.isfinite(loss.detach()).all():
+        raise FloatingPointError(
+            f'The {which} loss is {float(loss.detach())}: training diverged. Lower --lr or --arch-lr, or disable AMP. '
+            f'The last good checkpoint (if any) is kept untouched.')

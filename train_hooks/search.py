@@ -1,0 +1,471 @@
+"""PMPL search on timm's data pipeline: `python -m train_hooks.search` / `timm-metapool-search`.
+
+Runs Algorithm 1 (timm_metapool.pmpl) over a timm dataset, with the meta split carved from the training split, and
+writes OUTPUT/genotype.json, search_log.csv, search.png, last.pth and retrain_command.txt. Works in one process or
+under `torchrun` (DistributedDataParallel for the weights, alpha gradients averaged across ranks).
+"""
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import timm
+from timm.data import create_dataset, create_loader, create_transform, resolve_data_config
+from timm.scheduler import CosineLRScheduler
+
+import timm_metapool  # noqa: F401  (registers the models)
+from timm_metapool.data import DatasetSplit, dataset_targets, generate_demo_dataset, stratified_split
+from timm_metapool.ops import OP_NAMES
+from timm_metapool.pmpl import PMPLConfig, PMPLSearch
+
+from .search_plot import plot_search
+
+CHECKPOINT_FORMAT = 1
+LOG_NAME, GENOTYPE_NAME, PLOT_NAME, CHECKPOINT_NAME, RETRAIN_NAME = (
+    'search_log.csv', 'genotype.json', 'search.png', 'last.pth', 'retrain_command.txt')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='timm-metapool-search', description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group('data (timm.data.create_dataset)')
+    data.add_argument('--data-dir', default=None,
+                      help='dataset root; omit to generate and use the embedded demo dataset in OUTPUT/demo_data')
+    data.add_argument('--dataset', default='', help="timm dataset spec: '' (folder), 'torch/fashion_mnist', 'hfds/...'")
+    data.add_argument('--train-split', default='train')
+    data.add_argument('--meta-fraction', type=float, default=0.5,
+                      help='share of each class of the training split moved to the meta split (never validation)')
+    data.add_argument('--num-classes', type=int, default=None, help='default: read from the dataset')
+    data.add_argument('--in-chans', type=int, default=None)
+    data.add_argument('--img-size', type=int, default=None)
+    data.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
+    data.add_argument('--mean', type=float, nargs='+', default=None)
+    data.add_argument('--std', type=float, nargs='+', default=None)
+    data.add_argument('--interpolation', default='')
+    data.add_argument('--crop-pct', type=float, default=None)
+    data.add_argument('--workers', '-j', type=int, default=4)
+    aug = parser.add_argument_group('train-split augmentation (timm.data.create_loader)')
+    aug.add_argument('--aa', default=None, help="auto-augment policy, e.g. 'rand-m9-mstd0.5'")
+    aug.add_argument('--reprob', type=float, default=0.0)
+    aug.add_argument('--remode', default='pixel')
+    aug.add_argument('--recount', type=int, default=1)
+    aug.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0])
+    aug.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.])
+    aug.add_argument('--hflip', type=float, default=0.5)
+    aug.add_argument('--vflip', type=float, default=0.0)
+    aug.add_argument('--color-jitter', type=float, default=0.4)
+    aug.add_argument('--train-interpolation', default='random')
+    aug.add_argument('--no-aug', action='store_true')
+    search = parser.add_argument_group('PMPL (defaults: paper Sec. 3.1)')
+    search.add_argument('--model', default='mobilenetv2_metapool_100')
+    search.add_argument('--epochs', type=int, default=30, help='at most this many epochs; ends once all are fixed')
+    search.add_argument('--batch-size', '-b', type=int, default=128)
+    search.add_argument('--meta-batch-size', type=int, default=None, help='default: --batch-size')
+    search.add_argument('--lr', type=float, default=0.05, help='zeta: SGD lr (cosine) and virtual-step size')
+    search.add_argument('--momentum', type=float, default=0.9)
+    search.add_argument('--weight-decay', type=float, default=4e-5)
+    search.add_argument('--arch-lr', type=float, default=3e-4, help='eta: Adam lr of alpha')
+    search.add_argument('--arch-weight-decay', type=float, default=1e-3)
+    search.add_argument('--rho', type=float, default=0.2, help='Eq. 4 early-stopping margin')
+    search.add_argument('--first-order', action='store_true', help='DARTS first-order: no virtual step')
+    search.add_argument('--no-early-stop', action='store_true',
+                        help='never fix slots mid-search (ablation); all slots are forced to argmax at the end')
+    search.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    search.add_argument('--drop-path', type=float, default=0.0)
+    search.add_argument('--seed', type=int, default=0)
+    run = parser.add_argument_group('run')
+    run.add_argument('--output', default=None, help='output dir (required unless --resume)')
+    run.add_argument('--resume', default=None, help='OUTPUT/last.pth of an earlier run to continue')
+    run.add_argument('--overwrite', action='store_true', help='allow writing into an existing output dir')
+    run.add_argument('--device', default=None, help="default: 'cuda' when available, else 'cpu'")
+    run.add_argument('--amp', action='store_true', help='mixed precision (GPU)')
+    run.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
+    run.add_argument('--channels-last', action='store_true')
+    run.add_argument('--quiet', action='store_true', help='no progress bar; one line per epoch (for log files)')
+    run.add_argument('--history-interval', type=int, default=10, help='record softmax(alpha) every N steps')
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Fail before any work with a message naming the bad input and the fix."""
+    if not 0.0 < args.meta_fraction < 1.0:
+        raise SystemExit(f'error: --meta-fraction must be strictly between 0 and 1, got {args.meta_fraction}.')
+    if not 0.0 < args.rho <= 1.0:
+        raise SystemExit(f'error: --rho must be in (0, 1], got {args.rho}.')
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit('error: --epochs and --batch-size must be at least 1.')
+    if args.model not in timm.list_models('mobilenetv2_metapool*'):
+        raise SystemExit(f"error: --model {args.model!r} is not a Meta-Pooling model; choose one of "
+                         f"{', '.join(timm.list_models('mobilenetv2_metapool*'))}.")
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f'error: --resume {args.resume!r} is not a file; point it at OUTPUT/{CHECKPOINT_NAME}.')
+        args.output = args.output or os.path.dirname(os.path.abspath(args.resume))
+    if not args.output:
+        raise SystemExit('error: --output is required (a new directory for the genotype, logs and checkpoint).')
+    if os.path.isdir(args.output) and os.listdir(args.output) and not (args.resume or args.overwrite):
+        raise SystemExit(f'error: output dir {args.output!r} exists and is not empty; nothing was touched. Pass '
+                         f'--resume {os.path.join(args.output, CHECKPOINT_NAME)} to continue it, --overwrite to '
+                         f'reuse it, or choose a new --output.')
+    if args.data_dir is not None and args.dataset == '' and not os.path.isdir(args.data_dir):
+        raise SystemExit(f'error: --data-dir {args.data_dir!r} does not exist.')
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class Distributed:
+    """torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK); a single process otherwise."""
+
+    def __init__(self, device: Optional[str]):
+        self.world_size = int(os.environ.get('WORLD_SIZE', '1'))
+        self.rank = int(os.environ.get('RANK', '0'))
+        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        use_cuda = (device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
+        if use_cuda and not torch.cuda.is_available():
+            raise SystemExit('error: --device cuda asked for, but CUDA is not available.')
+        self.device = torch.device(f'cuda:{local_rank}' if use_cuda and self.world_size > 1 else
+                                   (device or ('cuda' if use_cuda else 'cpu')))
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.enabled:
+            dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.enabled:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+
+    def gather(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.enabled:
+            dist.destroy_process_group()
+
+
+def make_datasets(args: argparse.Namespace):
+    """Two dataset objects for the train split (one per loader: different transforms), cut into train/meta views."""
+    def load():
+        try:
+            return create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True)
+        except (FileNotFoundError, RuntimeError, ValueError) as e:
+            raise SystemExit(f'error: cannot read the training split of --data-dir {args.data_dir!r} '
+                             f'(--dataset {args.dataset!r}, --train-split {args.train_split!r}): {e}')
+    train_base, meta_base = load(), load()
+    if len(train_base) == 0:
+        raise SystemExit(f'error: the training split of {args.data_dir!r} has no images.')
+    targets = dataset_targets(train_base)
+    try:
+        train_idx, meta_idx = stratified_split(targets, args.meta_fraction, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
+    return DatasetSplit(train_base, train_idx), DatasetSplit(meta_base, meta_idx), len(set(targets))
+
+
+def make_loaders(args, train_set, meta_set, data_config, dist_env: Distributed):
+    batch = args.batch_size // dist_env.world_size if dist_env.enabled else args.batch_size
+    meta_batch = (args.meta_batch_size or args.batch_size) // (dist_env.world_size if dist_env.enabled else 1)
+    if min(batch, meta_batch) < 1 or len(train_set) < batch * dist_env.world_size:
+        raise SystemExit(f'error: the train part of the split has {len(train_set)} images, fewer than one global '
+                         f'batch of {args.batch_size}; lower --batch-size.')
+    train_loader = create_loader(
+        train_set, input_size=data_config['input_size'], batch_size=batch, is_training=True, no_aug=args.no_aug,
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        num_workers=args.workers, distributed=dist_env.enabled, use_prefetcher=False,
+        # Fresh workers each epoch re-seed from the per-epoch seed, so a resumed run sees the same augmentations.
+        persistent_workers=False, device=dist_env.device,
+    )
+    meta_set.transform = create_transform(
+        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
+    sampler = (torch.utils.data.distributed.DistributedSampler(meta_set, shuffle=True, seed=args.seed, drop_last=True)
+               if dist_env.enabled else torch.utils.data.RandomSampler(meta_set))
+    meta_loader = torch.utils.data.DataLoader(
+        meta_set, batch_size=meta_batch, sampler=sampler, drop_last=True, num_workers=args.workers)
+    if len(meta_loader) == 0:
+        raise SystemExit(f'error: the meta split has {len(meta_set)} images, fewer than one meta batch; lower '
+                         f'--meta-batch-size or raise --meta-fraction.')
+    return train_loader, meta_loader
+
+
+def cycle_batches(loader, epoch: int):
+    """Meta batches for one epoch, restarting the loader when it runs out."""
+    while True:
+        if hasattr(loader.sampler, 'set_epoch'):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 10_000  # a new order on each restart within the epoch
+
+
+def atomic_save(obj, path: str) -> None:
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_log_csv(rows: List[Dict], path: str) -> None:
+    if not rows:
+        return
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def snapshot_probabilities(model) -> List[Optional[List[float]]]:
+    return [None if p is None else [round(float(v), 6) for v in p] for p in model.slot_probabilities()]
+
+
+def retrain_command(args, genotype_path: str, num_classes: int, data_config) -> str:
+    data = args.data_dir or os.path.join(args.output, 'demo_data')
+    parts = [
+        'python train.py', f'--data-dir {data}', f'--dataset {args.dataset!r}' if args.dataset else '',
+        '--device-modules timm_metapool', f'--model {args.model}', f'--model-kwargs genotype={genotype_path}',
+        f'--num-classes {num_classes}', f"--input-size {' '.join(map(str, data_config['input_size']))}",
+        '--epochs 200 --sched cosine --opt sgd --lr 0.05 --momentum 0.9 --weight-decay 4e-5 -b 128',
+    ]
+    return ' '.join(p for p in parts if p)
+
+
+def run(args: argparse.Namespace) -> Dict:
+    check_args(args)
+    dist_env = Distributed(args.device)
+    try:
+        return _run(args, dist_env)
+    finally:
+        dist_env.close()
+
+
+def _run(args: argparse.Namespace, dist_env: Distributed) -> Dict:
+    log = (lambda *a: print(*a, flush=True)) if dist_env.is_main else (lambda *a: None)
+    if dist_env.is_main:
+        os.makedirs(args.output, exist_ok=True)
+    if args.data_dir is None:
+        args.data_dir = os.path.join(args.output, 'demo_data')
+        if dist_env.is_main and not os.path.isdir(args.data_dir):
+            log(f'No --data-dir: generating the embedded demo dataset in {args.data_dir}')
+            generate_demo_dataset(args.data_dir)
+        if dist_env.enabled:
+            dist.barrier()
+        args.img_size = args.img_size or 32
+
+    train_set, meta_set, found_classes = make_datasets(args)
+    num_classes = args.num_classes or found_classes
+    seed_everything(args.seed)
+    model_kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path)
+    if args.in_chans:
+        model_kwargs['in_chans'] = args.in_chans
+    model = timm.create_model(args.model, **model_kwargs)
+    data_config = resolve_data_config(vars(args), model=model)
+    model.to(dist_env.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader, meta_loader = make_loaders(args, train_set, meta_set, data_config, dist_env)
+
+    config = PMPLConfig(
+        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, arch_lr=args.arch_lr,
+        arch_weight_decay=args.arch_weight_decay, rho=args.rho, first_order=args.first_order,
+        early_stop=not args.no_early_stop)
+    amp_dtype = getattr(torch, args.amp_dtype)
+    autocast = (lambda: torch.autocast(dist_env.device.type, dtype=amp_dtype)) if args.amp else contextlib.nullcontext
+    scaler = torch.amp.GradScaler(dist_env.device.type) if args.amp and amp_dtype == torch.float16 else None
+    loss_fn = (timm.loss.LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0
+               else torch.nn.CrossEntropyLoss())
+    search = PMPLSearch(model, config, loss_fn=loss_fn, wrap=dist_env.wrap, autocast=autocast, grad_scaler=scaler)
+
+    steps_per_epoch = len(train_loader)
+    start_epoch, global_step, log_rows, history, elapsed = 0, 0, [], [], 0.0
+    if args.resume:
+        state = torch.load(args.resume, map_location=dist_env.device, weights_only=False)
+        check_resume(state, args, model.num_slots)
+        search.load_state_dict(state['search'])
+        start_epoch, global_step = state['epoch'], state['global_step']
+        log_rows, history, elapsed = state['log_rows'], state['history'], state['elapsed_s']
+        log(f'Resumed {args.resume}: epoch {start_epoch}, {model.num_slots - len(model.open_slots())}/'
+            f'{model.num_slots} slots fixed')
+    # Built after a resume: fixing slots and resuming may replace the optimizer, the schedule depends only on the step.
+    scheduler = CosineLRScheduler(search.weight_optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=0.0,
+                                  t_in_epochs=False)
+
+    log(f'PMPL search: {args.model}, {model.num_slots} slots, {len(train_set)} train / {len(meta_set)} meta images, '
+        f'{num_classes} classes, input {data_config["input_size"]}, {dist_env.world_size} process(es) on '
+        f'{dist_env.device}')
+    epoch = start_epoch
+    while epoch < args.epochs and not search.done:
+        t0 = time.time()
+        seed_everything(args.seed + 1_000_003 * epoch + dist_env.rank)
+        if hasattr(train_loader.sampler, 'set_epoch'):
+            train_loader.sampler.set_epoch(epoch)
+        meta_batches = cycle_batches(meta_loader, epoch)
+        sums = dict(train_loss=0.0, meta_loss=0.0, train_correct=0, meta_correct=0, n=0, meta_n=0, steps=0)
+        bar = None if args.quiet or not dist_env.is_main else _progress(steps_per_epoch, epoch, args.epochs)
+        for images, targets in train_loader:
+            meta_images, meta_targets = next(meta_batches)
+            batches = [(t.to(dist_env.device, non_blocking=True)) for t in (images, targets, meta_images, meta_targets)]
+            if args.channels_last:
+                batches[0] = batches[0].contiguous(memory_format=torch.channels_last)
+                batches[2] = batches[2].contiguous(memory_format=torch.channels_last)
+            scheduler.step_update(global_step)
+            stats = search.step((batches[0], batches[1]), (batches[2], batches[3]), step=global_step, epoch=epoch)
+            global_step += 1
+            sums['steps'] += 1
+            for key, value in (('train_loss', stats.train_loss * stats.batch_size),
+                               ('meta_loss', 0.0 if math.isnan(stats.meta_loss) else
+                                stats.meta_loss * stats.meta_batch_size),
+                               ('train_correct', stats.train_correct), ('meta_correct', stats.meta_correct),
+                               ('n', stats.batch_size), ('meta_n', stats.meta_batch_size)):
+                sums[key] += value
+            if stats.fixed or global_step % args.history_interval == 0:
+                history.append({'epoch': global_step / steps_per_epoch, 'probabilities': snapshot_probabilities(model)})
+            for event in stats.fixed:
+                log(f'  step {global_step}: slot {event.slot} fixed to {event.op_name} '
+                    f'(pi={max(event.probabilities):.3f})')
+            if bar is not None:
+                bar.set_postfix_str(f"loss {sums['train_loss'] / sums['n']:.3f} "
+                                    f"fixed {model.num_slots - len(model.open_slots())}/{model.num_slots}")
+                bar.update(1)
+            if search.done:
+                break
+        if bar is not None:
+            bar.close()
+        epoch += 1
+        elapsed += time.time() - t0
+        check_ranks_agree(model, dist_env, epoch)
+        row = epoch_row(epoch, global_step, search.lr, sums, model, time.time() - t0, elapsed)
+        log_rows.append(row)
+        history.append({'epoch': global_step / steps_per_epoch, 'probabilities': snapshot_probabilities(model)})
+        log(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | meta loss "
+            f"{row['meta_loss']:.4f} top1 {row['meta_top1']:.2f} | fixed {row['slots_fixed']}/{model.num_slots} | "
+            f"{row['epoch_time_s']:.1f}s")
+        if dist_env.is_main:
+            write_log_csv(log_rows, os.path.join(args.output, LOG_NAME))
+            atomic_save(dict(
+                format_version=CHECKPOINT_FORMAT, model=args.model, num_slots=model.num_slots, epoch=epoch,
+                global_step=global_step, search=search.state_dict(), log_rows=log_rows, history=history,
+                elapsed_s=elapsed, args=vars(args), num_classes=num_classes,
+            ), os.path.join(args.output, CHECKPOINT_NAME))
+
+    forced = search.apply_early_stopping(global_step, epoch, force=True) if not search.done else []
+    for event in forced:
+        log(f'  slot {event.slot} forced to its argmax {event.op_name} (pi={max(event.probabilities):.3f})')
+    return finish(args, dist_env, search, model, num_classes, data_config, epoch, global_step, steps_per_epoch,
+                  history, elapsed, train_set, meta_set)
+
+
+def _progress(total: int, epoch: int, epochs: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=f'epoch {epoch + 1}/{epochs}', leave=False, dynamic_ncols=True)
+
+
+def epoch_row(epoch: int, step: int, lr: float, sums: Dict, model, epoch_time: float, elapsed: float) -> Dict:
+    row = dict(
+        epoch=epoch, step=step, lr=round(lr, 8),
+        train_loss=sums['train_loss'] / max(sums['n'], 1), train_top1=100.0 * sums['train_correct'] / max(sums['n'], 1),
+        meta_loss=sums['meta_loss'] / max(sums['meta_n'], 1) if sums['meta_n'] else float('nan'),
+        meta_top1=100.0 * sums['meta_correct'] / max(sums['meta_n'], 1),
+        slots_fixed=model.num_slots - len(model.open_slots()), epoch_time_s=round(epoch_time, 3),
+        elapsed_s=round(elapsed, 3),
+    )
+    for slot, probabilities in enumerate(snapshot_probabilities(model)):
+        for name, value in zip(OP_NAMES, probabilities or [float('nan')] * len(OP_NAMES)):
+            row[f'pi_{slot}_{name}'] = value
+    return row
+
+
+def check_resume(state: Dict, args: argparse.Namespace, num_slots: int) -> None:
+    if not isinstance(state, dict) or state.get('format_version') != CHECKPOINT_FORMAT or 'search' not in state:
+        raise SystemExit(f'error: {args.resume!r} is not a PMPL search checkpoint (OUTPUT/{CHECKPOINT_NAME}).')
+    if state['model'] != args.model or state['num_slots'] != num_slots:
+        raise SystemExit(f"error: {args.resume!r} is a search of {state['model']} with {state['num_slots']} slots, "
+                         f'not of --model {args.model} ({num_slots} slots); pass --model {state["model"]}.')
+
+
+def check_ranks_agree(model, dist_env: Distributed, epoch: int) -> None:
+    """Every rank must hold the same alpha and the same fixed slots; anything else is a bug worth stopping for."""
+    if not dist_env.enabled:
+        return
+    mine = (tuple(model.derive_genotype()), tuple(model.open_slots()), snapshot_probabilities(model))
+    everyone = dist_env.gather(mine)
+    if any(other != everyone[0] for other in everyone):
+        raise RuntimeError(f'Ranks disagree on alpha or fixed slots after epoch {epoch}: '
+                           f'{[o[0] for o in everyone]}. Stopping; the last checkpoint is from before this epoch.')
+
+
+def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, global_step, steps_per_epoch,
+           history, elapsed, train_set, meta_set) -> Dict:
+    genotype = model.genotype
+    events = sorted(search.fix_events, key=lambda e: e.slot)
+    rank_probabilities = dist_env.gather([e.probabilities for e in events])
+    if not dist_env.is_main:
+        return {}
+    events_out = [dict(asdict(e), epoch_float=e.step / steps_per_epoch) for e in events]
+    genotype_path = os.path.join(args.output, GENOTYPE_NAME)
+    summary = genotype.to_dict(
+        model=args.model, num_slots=model.num_slots, op_names=list(OP_NAMES),
+        probabilities=[e.probabilities for e in events],
+        fixed_step=[e.step for e in events], fixed_epoch=[e.epoch for e in events], forced=[e.forced for e in events],
+        all_fixed_at_epoch=None if any(e.forced for e in events) else max(e['epoch_float'] for e in events_out),
+        epochs_run=epochs_run, steps_run=global_step, search_time_s=round(elapsed, 2),
+        data=dict(data_dir=args.data_dir, dataset=args.dataset, train_split=args.train_split,
+                  train_images=len(train_set), meta_images=len(meta_set), num_classes=num_classes,
+                  input_size=list(data_config['input_size'])),
+        seed=args.seed, world_size=dist_env.world_size, rank_probabilities=rank_probabilities, args=vars(args),
+    )
+    atomic_write_text(json.dumps(summary, indent=2), genotype_path)
+    command = retrain_command(args, genotype_path, num_classes, data_config)
+    atomic_write_text(command + '\n', os.path.join(args.output, RETRAIN_NAME))
+    plotted = plot_search(history, events_out, OP_NAMES, model.num_slots, os.path.join(args.output, PLOT_NAME),
+                          title=f'PMPL search of {args.model}')
+    print(f'Genotype: {genotype}', flush=True)
+    print(f'Wrote {genotype_path}, {LOG_NAME}, {CHECKPOINT_NAME}' + (f', {PLOT_NAME}' if plotted else
+          ' (no plot: pip install matplotlib)') + f' in {args.output}', flush=True)
+    print(f'Retrain with timm (train.py from the timm repository):\n  {command}', flush=True)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
