@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -99,9 +99,10 @@ def load_trained_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False
     genotype = data.get('genotype')
     if genotype is None:
         genotype = (train_args.get('model_kwargs') or {}).get('genotype')
+    # timm train.py names the architecture 'arch'; the search names it 'model'.
+    arch = data.get('arch') or (data['model'] if isinstance(data.get('model'), str) else None)
     return TrainedCheckpoint(
-        state_dict=clean_state_dict(data[key]), path=path, arch=data.get('arch'), genotype=genotype,
-        train_args=train_args)
+        state_dict=clean_state_dict(data[key]), path=path, arch=arch, genotype=genotype, train_args=train_args)
 
 
 def parse_checkpoint_genotype(value: Any, num_slots: int) -> Genotype:

@@ -80,8 +80,7 @@ def _choose_genotype(requested: Optional[str], stored, num_slots: int, checkpoin
 def publish(args: argparse.Namespace) -> str:
     """Run the export (and push); returns the line a user loads the result with."""
     import timm
-    import timm_metapool  # noqa: F401  registers the architectures
-    from timm_metapool import hub
+    from timm_metapool import hub  # importing the package registers the architectures
 
     if args.push and not args.repo_id:
         raise ValueError('--push needs --repo-id ORG/NAME.')
