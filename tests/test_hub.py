@@ -219,14 +219,6 @@ def test_parameter_free_genotype_difference_caught_from_metadata(export_dir):
                           pretrained_cfg_overlay=overlay, pretrained_filter_fn=checkpoint_filter_fn)
 
 
-# `local-dir:` / `hf-hub:` loads take the genotype from config.json and never ask pretrained.py; these checks run
-# once mobilenetv2_metapool.py passes `genotype` to `resolve_pretrained_genotype` and uses `checkpoint_filter_fn`
-# as its default `pretrained_filter_fn`.
-needs_model_wiring = pytest.mark.xfail(
-    strict=False, reason='needs the load-time checks wired into mobilenetv2_metapool.py')
-
-
-@needs_model_wiring
 def test_local_dir_with_edited_config_genotype_is_refused(work, export_dir):
     edited = work / 'edited_export'
     shutil.copytree(export_dir, edited)
@@ -237,7 +229,6 @@ def test_local_dir_with_edited_config_genotype_is_refused(work, export_dir):
         timm.create_model(f'local-dir:{edited}', pretrained=True)
 
 
-@needs_model_wiring
 def test_local_dir_with_truncated_weights_is_a_clear_error(work, export_dir):
     damaged = work / 'truncated_export'
     shutil.copytree(export_dir, damaged)

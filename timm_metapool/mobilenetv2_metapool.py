@@ -22,6 +22,7 @@ from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
 from .genotype import Genotype, GenotypeLike
 from .mixed_op import ARCH_PARAM_NAME, MetaPooling
 from .ops import OP_NAMES, create_op, op_name_of
+from .hub import checkpoint_filter_fn
 from .pretrained import PRETRAINED_TAGS, resolve_pretrained_genotype
 
 __all__ = ['MetaPoolingMixin', 'MetaPoolEfficientNet', 'MetaPoolEfficientNetFeatures', 'count_enhancer_slots']
@@ -181,9 +182,11 @@ def _gen_mobilenetv2_metapool(
     """
     block_args = _decode_mobilenetv2(depth_multiplier, fix_stem_head)
     num_slots = count_enhancer_slots(block_args)
-    if pretrained and genotype is None:
+    if pretrained:
+        # Without a genotype, read the one stored with the weights; with one, check it against them.
         genotype = resolve_pretrained_genotype(
-            variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+            variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), genotype=genotype,
+            num_slots=num_slots)
     parsed = None if genotype is None else Genotype.parse(genotype, num_slots=num_slots)
     _attach_enhancers(block_args, parsed)
 
@@ -214,6 +217,7 @@ def _create_metapool_effnet(variant: str, pretrained: bool = False, **kwargs):
             model_cls = MetaPoolEfficientNetFeatures
             features_mode = 'cls'
     pretrained_strict = kwargs.pop('pretrained_strict', True)
+    kwargs.setdefault('pretrained_filter_fn', checkpoint_filter_fn)  # refuse weights of another genotype, by slot
     model = build_model_with_cfg(
         model_cls,
         variant,

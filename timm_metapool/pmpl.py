@@ -218,10 +218,13 @@ class PMPLSearch:
                     b.copy_(saved)
         grads = [g.float() for g in grads]
         _all_reduce_mean(grads)  # every rank takes the same alpha step, hence the same Eq. 4 decisions
+        if not all(torch.isfinite(g).all() for g in grads):
+            raise FloatingPointError(
+                'The gradient of alpha is not finite: the virtual step theta - zeta * g overflowed the network. '
+                'Lower --lr (zeta), or use --first-order. The last good checkpoint (if any) is kept untouched.')
         for alpha, g in zip(alphas, grads):
             alpha.grad = g.to(alpha.dtype)
-        if all(torch.isfinite(g).all() for g in grads):
-            self.arch_optimizer.step()
+        self.arch_optimizer.step()
         self.arch_optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()), int((logits.detach().argmax(-1) == targets).sum())
 

@@ -270,6 +270,10 @@ def run(args: argparse.Namespace) -> Dict:
     dist_env = Distributed(args.device)
     try:
         return _run(args, dist_env)
+    except FloatingPointError as e:
+        checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
+        kept = f'Last good checkpoint: {checkpoint}' if os.path.isfile(checkpoint) else 'No epoch had completed.'
+        raise SystemExit(f'error: {e} {kept}')
     finally:
         dist_env.close()
 
