@@ -1,15 +1,90 @@
-"""MetaPooling: the parameterized spatial enhancer, a softmax-weighted mixture of candidate ops (paper Eq. 1)."""
-from typing import Optional, Sequence, Tuple
+"""MetaPooling: the parameterized spatial enhancer, a softmax-weighted mixture of candidate ops (paper Eq. 1).
+
+`MetaPooling.forward` computes Eq. 1 through exact rewrites that share work between candidates;
+`MetaPooling.forward_plain` (and `mixed_op_plain`) is the literal weighted sum, kept as the reference definition:
+
+* `skip` and the average pools (stride 1, zero padding counted) are linear and shift-invariant, so their weighted
+  sum is one depthwise conv whose kernel is the softmax-weighted sum of centred box kernels (and a unit impulse).
+* stride-1 max pools with -inf padding compose: max5 = max3(max3) and max7 = max3(max5), so max3 is computed once
+  and each larger window costs one more 3x3 pass. For inputs without ties the gradients are identical; where a window
+  holds several equal maxima both versions pass the gradient to one of them, not necessarily the same one.
+* the `global` term scales its small per-row gate by its weight before touching the full-size map.
+"""
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .ops import OP_NAMES, create_op
+from .ops import OP_NAMES, GlobalContextEnhancer, create_op, pool_kernel_size
 
-__all__ = ['MetaPooling', 'ARCH_PARAM_NAME']
+__all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
 
 # Parameter name of the architecture logits; `name.endswith(ARCH_PARAM_NAME)` tells them from network weights.
 ARCH_PARAM_NAME = 'arch_alpha'
+
+_LINEAR_OP_NAMES: Tuple[str, ...] = ('skip', 'avg3', 'avg5', 'avg7')
+_MAX_OP_NAMES: Tuple[str, ...] = ('max3', 'max5', 'max7')
+
+
+def mixed_op_plain(x: torch.Tensor, weights: torch.Tensor, ops: Sequence[nn.Module]) -> torch.Tensor:
+    """Eq. 1 as written: sum_k weights[k] * ops[k](x). The reference the fused path is checked against."""
+    out = weights[0] * ops[0](x)
+    for weight, op in zip(weights[1:], ops[1:]):
+        out = out + weight * op(x)
+    return out
+
+
+def linear_pool_basis(op_names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Supports and areas of the linear candidates (`skip`, `avgK`), centred in a common KxK window.
+
+    Returns `(masks, areas)`: masks (len(op_names), K, K) of ones on each candidate's window, K the largest
+    average-pool size (1 if only `skip`), and areas (len(op_names),) = k^2. The depthwise kernel of candidate i is
+    masks[i] / areas[i] (count_include_pad=True is exactly zero padding). Both are integers, exact in any dtype, so
+    the division happens in the input's dtype as in `avg_pool2d`.
+    """
+    sizes = [1 if name == 'skip' else pool_kernel_size(name) for name in op_names]
+    size = max(sizes, default=1)
+    masks = torch.zeros(len(sizes), size, size)
+    for i, k in enumerate(sizes):
+        start = (size - k) // 2
+        masks[i, start:start + k, start:start + k] = 1.
+    return masks, torch.tensor([float(k * k) for k in sizes])
+
+
+class _SharedDepthwiseConv(torch.autograd.Function):
+    """Depthwise conv of x with one (K, K) kernel shared by every channel, zero padding K // 2.
+
+    Autograd's own backward would compute the per-channel weight gradient in x's layout, which on CPU for NCHW
+    maps is one to two orders of magnitude slower than the conv itself (oneDNN's depthwise weight-gradient kernel is
+    only fast in channels-last). Here the kernel gradient is taken in channels-last and summed over channels, and
+    only when the kernel needs it: in PMPL's weight pass alpha is frozen, so that work is skipped entirely.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        channels, size = x.shape[1], kernel.shape[-1]
+        weight = kernel.expand(channels, 1, size, size)
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, padding=size // 2, groups=channels)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        x, weight = ctx.saved_tensors
+        channels, size = x.shape[1], weight.shape[-1]
+        conv_args = ([1, 1], [size // 2] * 2, [1, 1], False, [0, 0], channels)
+        grad_x = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, *conv_args, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            channels_last = torch.channels_last
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad_out.contiguous(memory_format=channels_last), x.contiguous(memory_format=channels_last),
+                weight.contiguous(), None, *conv_args, [False, True, False])[1]
+            grad_kernel = grad_weight.sum(dim=(0, 1))
+        return grad_x, grad_kernel
 
 
 class MetaPooling(nn.Module):
@@ -18,6 +93,9 @@ class MetaPooling(nn.Module):
     `arch_alpha` holds one logit per candidate and is meant for its own optimizer (Adam in PMPL), apart from the
     network weights. `fix(k)` turns the slot into the single op k (Alg. 1, "fix the distribution by argmax"): the
     other candidates and their parameters are released and no longer computed.
+
+    `forward` is the fused evaluation described in the module docstring (any subset of the eight candidates);
+    `forward_plain` is the literal weighted sum. Both give the same outputs and gradients up to float rounding.
     """
 
     def __init__(
@@ -35,6 +113,17 @@ class MetaPooling(nn.Module):
         self.ops = nn.ModuleDict({name: create_op(name, channels, device=device, dtype=dtype) for name in op_names})
         self.arch_alpha = nn.Parameter(alpha_init_std * torch.randn(len(op_names), device=device, dtype=dtype))
         self.chosen: Optional[str] = None
+
+        # Index groups of the fused path, in `op_names` order.
+        index: Dict[str, int] = {name: i for i, name in enumerate(self.op_names)}
+        self._linear_idx = [index[n] for n in _LINEAR_OP_NAMES if n in index]
+        self._max_idx = [index.get(n) for n in _MAX_OP_NAMES[:max(
+            [_MAX_OP_NAMES.index(n) + 1 for n in _MAX_OP_NAMES if n in index], default=0)]]
+        self._global_idx = index.get('global')
+        # Not persistent: derived from op_names, so state_dicts stay those of the plain module.
+        masks, areas = linear_pool_basis([self.op_names[i] for i in self._linear_idx])
+        self.register_buffer('linear_masks', masks.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer('linear_areas', areas.to(device=device, dtype=dtype), persistent=False)
 
     def probabilities(self) -> torch.Tensor:
         """pi = softmax(alpha), one probability per candidate in `op_names` order."""
@@ -56,13 +145,43 @@ class MetaPooling(nn.Module):
         self.arch_alpha.requires_grad_(False)
         return self.ops[name]
 
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference definition: the literal Eq. 1 sum (or op k alone once fixed)."""
+        if self.chosen is not None:
+            return self.ops[self.chosen](x)
+        weights = self.probabilities().to(x.dtype)
+        return mixed_op_plain(x, weights, [self.ops[name] for name in self.op_names])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chosen is not None:
             return self.ops[self.chosen](x)
         weights = self.probabilities().to(x.dtype)
-        out = weights[0] * self.ops[self.op_names[0]](x)
-        for i in range(1, len(self.op_names)):
-            out = out + weights[i] * self.ops[self.op_names[i]](x)
+        out = self._linear_term(x, weights)
+        out = self._max_terms(x, weights, out)
+        if self._global_idx is not None:
+            enhancer: GlobalContextEnhancer = self.ops['global']
+            a_h, a_w = enhancer.gates(x)
+            # pi_global * x * a_h * a_w with the weight folded into the (N, C, H, 1) gate, not the full map.
+            out = torch.addcmul(out, x * (weights[self._global_idx] * a_h), a_w)
+        return out
+
+    def _linear_term(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum over `skip`/`avgK` of pi_k * op_k(x) as one depthwise conv (zeros if there is no linear candidate)."""
+        if not self._linear_idx:
+            return torch.zeros_like(x)
+        masks = self.linear_masks.to(x.dtype)
+        if masks.shape[-1] == 1:  # `skip` alone
+            return weights[self._linear_idx[0]] * x
+        kernel = torch.tensordot(weights[self._linear_idx] / self.linear_areas.to(x.dtype), masks, dims=1)
+        return _SharedDepthwiseConv.apply(x, kernel)
+
+    def _max_terms(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Adds pi_k * maxK(x) for the max candidates, each larger window one more 3x3 pass over the previous."""
+        pooled = x
+        for i in self._max_idx:
+            pooled = F.max_pool2d(pooled, kernel_size=3, stride=1, padding=1)
+            if i is not None:
+                out = torch.add(out, pooled * weights[i])
         return out
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ output size); `global` is the Global Context Enhancer (spatial separable pooling
 from typing import Optional, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -45,15 +46,26 @@ class GlobalContextEnhancer(nn.Module):
         self.conv_h = nn.Conv2d(mid_channels, channels, kernel_size=1, bias=True, **dd)
         self.conv_w = nn.Conv2d(mid_channels, channels, kernel_size=1, bias=True, **dd)
 
+    def gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two sigmoid gates: a_h as (N, C, H, 1) and a_w as (N, C, 1, W).
+
+        The point-wise maps run as GEMMs over the H + W profile positions rather than as 1x1 convs on (N, C, L, 1)
+        columns: the same arithmetic, but conv kernels (and especially their backward) carry a large fixed cost at
+        these tiny spatial sizes, which dominated the enhancer's run time in small-input training.
+        """
+        batch, channels, height, width = x.shape
+        # Both directional profiles side by side, one row per position, so the shared reduction, BN and activation
+        # run once for the two directions.
+        z = torch.cat([x.mean(dim=3), x.mean(dim=2)], dim=2).transpose(1, 2).reshape(-1, channels)
+        y = F.linear(z, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias)
+        # BN over the rows as 1x1 maps: statistics over batch and positions, exactly as on the (N, mid, L, 1) map.
+        y = self.act(self.bn(y[:, :, None, None])).view(batch, height + width, -1)
+        a_h = F.linear(y[:, :height], self.conv_h.weight.flatten(1), self.conv_h.bias).sigmoid()
+        a_w = F.linear(y[:, height:], self.conv_w.weight.flatten(1), self.conv_w.bias).sigmoid()
+        return a_h.transpose(1, 2).unsqueeze(3), a_w.transpose(1, 2).unsqueeze(2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height = x.shape[2]
-        # Both profiles as (N, C, L, 1) columns so one conv/BN pass serves the two directions.
-        z_h = x.mean(dim=3, keepdim=True)
-        z_w = x.mean(dim=2, keepdim=True).transpose(2, 3)
-        y = self.act(self.bn(self.conv_reduce(torch.cat([z_h, z_w], dim=2))))
-        y_h, y_w = y[:, :, :height], y[:, :, height:]
-        a_h = self.conv_h(y_h).sigmoid()
-        a_w = self.conv_w(y_w).sigmoid().transpose(2, 3)
+        a_h, a_w = self.gates(x)
         return x * a_h * a_w
 
 

@@ -1,0 +1,222 @@
+"""Exactness of the fast paths against their plain definitions (outputs and gradients), not their speed.
+
+References are independent of the code under test: PyTorch's own F.avg_pool2d / F.max_pool2d, autograd through the
+literal Eq. 1 sum (`MetaPooling.forward_plain`), a conv-based Coordinate-Attention forward written out here, and the
+un-rewritten model for the deploy rewrite.
+"""
+import itertools
+from typing import Sequence, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import timm
+from timm.utils.model import reparameterize_model
+
+import timm_metapool  # noqa: F401  (registers the models)
+from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
+from timm_metapool.mixed_op import MetaPooling, _SharedDepthwiseConv, linear_pool_basis
+from timm_metapool.ops import OP_NAMES, GlobalContextEnhancer, pool_kernel_size
+
+SMALL_SHAPES = [(2, 8, 9, 7), (3, 5, 1, 1), (2, 6, 2, 3), (1, 4, 5, 1)]
+
+
+def distinct_input(shape: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """Values all distinct within each (n, c) plane, so every pooling window has a unique maximum."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    ranks = torch.rand(n, c, h * w, generator=gen).argsort(dim=-1).to(dtype)
+    return (ranks / (h * w) - 0.5).view(n, c, h, w) + torch.randn(n, c, 1, 1, generator=gen, dtype=dtype)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def outputs_and_grads(mp: MetaPooling, forward, x: torch.Tensor, seed: int = 1) -> Tuple[torch.Tensor, ...]:
+    """Output, d/dx and d/dalpha of <forward(x), g> for a fixed random cotangent g."""
+    x = x.detach().requires_grad_(True)
+    mp.arch_alpha.grad = None
+    out = forward(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    (out * g).sum().backward()
+    return out.detach(), x.grad, mp.arch_alpha.grad.clone()
+
+
+def make_mixed(channels: int, op_names: Sequence[str] = OP_NAMES, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    mp = MetaPooling(channels, op_names=op_names).to(dtype)
+    with torch.no_grad():
+        mp.arch_alpha.normal_()  # far from uniform, so a wrong weight-to-op pairing shows
+    return mp
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES)
+def test_linear_basis_matches_avg_pool(shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    names = ('skip', 'avg3', 'avg5', 'avg7')
+    masks, areas = linear_pool_basis(names)
+    for i, name in enumerate(names):
+        kernel = masks[i].to(x.dtype) / areas[i].to(x.dtype)
+        size = kernel.shape[-1]
+        got = F.conv2d(x, kernel.expand(shape[1], 1, size, size), padding=size // 2, groups=shape[1])
+        if name == 'skip':
+            expected = x
+        else:
+            k = pool_kernel_size(name)
+            expected = F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=True)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', [(1, 2, 4, 3), (2, 3, 1, 1)])
+def test_shared_depthwise_conv_gradcheck(shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)  # not symmetric: the backward must not assume it
+    assert torch.autograd.gradcheck(_SharedDepthwiseConv.apply, (x, kernel))
+    # and the kernel gradient is skipped, not wrong, when the kernel needs none
+    out = _SharedDepthwiseConv.apply(x, kernel.detach())
+    out.sum().backward()
+    assert x.grad is not None and kernel.grad is None
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES)
+def test_max_chain_matches_max_pool(shape):
+    x = distinct_input(shape, dtype=torch.float64)
+    mp = make_mixed(shape[1], op_names=('max3', 'max5', 'max7'), dtype=torch.float64)
+    weights = mp.probabilities().detach()
+    expected = sum(w * F.max_pool2d(x, k, stride=1, padding=k // 2) for w, k in zip(weights, (3, 5, 7)))
+    torch.testing.assert_close(mp(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_fused_matches_plain_all_ops(shape, dtype):
+    mp = make_mixed(shape[1], dtype=dtype)
+    x = distinct_input(shape, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for fast, plain in zip(outputs_and_grads(mp, mp.forward, x), outputs_and_grads(mp, mp.forward_plain, x)):
+        assert rel_err(fast, plain) <= tol
+
+
+def test_fused_matches_plain_subsets():
+    """Candidate subsets a MetaPooling may be built with: every pair, and random larger subsets in random order
+    (the order decides which logit goes with which op). float64 on an odd-sized map."""
+    shape = (2, 3, 7, 5)
+    x = distinct_input(shape, dtype=torch.float64)
+    rng = torch.Generator().manual_seed(0)
+    subsets = [list(pair) for pair in itertools.combinations(OP_NAMES, 2)]
+    for _ in range(24):
+        order = torch.randperm(len(OP_NAMES), generator=rng).tolist()
+        size = int(torch.randint(3, len(OP_NAMES) + 1, (1,), generator=rng))
+        subsets.append([OP_NAMES[i] for i in order[:size]])
+    for names in subsets:
+        mp = make_mixed(shape[1], op_names=names, dtype=torch.float64, seed=len(names))
+        fast = outputs_and_grads(mp, mp.forward, x)
+        plain = outputs_and_grads(mp, mp.forward_plain, x)
+        for a, b in zip(fast, plain):
+            assert rel_err(a, b) <= 1e-12, names
+
+
+@pytest.mark.parametrize('shape', [(128, 96, 16, 16), (16, 96, 112, 112)])
+def test_fused_matches_plain_issue_shapes(shape):
+    """The shapes of the speed target, float32, within 1e-5 relative."""
+    mp = make_mixed(shape[1])
+    x = distinct_input(shape)
+    for fast, plain in zip(outputs_and_grads(mp, mp.forward, x), outputs_and_grads(mp, mp.forward_plain, x)):
+        assert rel_err(fast, plain) <= 1e-5
+
+
+def test_fixed_mixed_op_is_the_chosen_op():
+    shape = (2, 4, 6, 5)
+    x = torch.randn(shape)
+    for index, name in enumerate(OP_NAMES):
+        mp = make_mixed(shape[1])
+        op = mp.fix(index)
+        op.eval()
+        torch.testing.assert_close(mp(x), op(x), rtol=0, atol=0)
+        assert list(mp.ops) == [name]
+
+
+def test_mixed_op_state_dict_unchanged():
+    """The fused path's helper buffers are not persistent: saved supernets keep their keys."""
+    mp = MetaPooling(16)
+    assert all(not key.startswith('linear_') for key in mp.state_dict())
+
+
+def _coord_attention_reference(gce: GlobalContextEnhancer, x: torch.Tensor) -> torch.Tensor:
+    """The Coordinate-Attention forward with the enhancer's own 1x1 convs on (N, C, L, 1) columns."""
+    height = x.shape[2]
+    y = torch.cat([x.mean(dim=3, keepdim=True), x.mean(dim=2, keepdim=True).transpose(2, 3)], dim=2)
+    y = gce.act(gce.bn(F.conv2d(y, gce.conv_reduce.weight, gce.conv_reduce.bias)))
+    a_h = F.conv2d(y[:, :, :height], gce.conv_h.weight, gce.conv_h.bias).sigmoid()
+    a_w = F.conv2d(y[:, :, height:], gce.conv_w.weight, gce.conv_w.bias).sigmoid().transpose(2, 3)
+    return x * a_h * a_w
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(4, 64, 3, 8)])
+@pytest.mark.parametrize('train', [True, False])
+def test_global_enhancer_matches_conv_reference(shape, train):
+    torch.manual_seed(0)
+    gce = GlobalContextEnhancer(shape[1]).double().train(train)
+    with torch.no_grad():  # non-trivial BN statistics for eval mode
+        gce.bn.running_mean.normal_()
+        gce.bn.running_var.uniform_(0.5, 2.)
+    ref = GlobalContextEnhancer(shape[1]).double().train(train)
+    ref.load_state_dict(gce.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for module, forward in ((gce, gce), (ref, lambda t: _coord_attention_reference(ref, t))):
+        xi = x.clone().requires_grad_(True)
+        out = forward(xi)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()]
+                       + [module.bn.running_mean.clone(), module.bn.running_var.clone()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_global_enhancer_param_counts():
+    all_global = timm.create_model('mobilenetv2_metapool_100', genotype='global')
+    assert sum(p.numel() for p in all_global.parameters()) == 3_950_648
+
+
+MIXED_GENOTYPE = ('avg3', 'avg5', 'avg7', 'global', 'max3', 'skip', 'max7', 'avg3',
+                  'avg7', 'max5', 'global', 'avg5', 'skip', 'avg3', 'global', 'avg7')
+
+
+@pytest.mark.parametrize('genotype', ['avg3', 'avg7', ','.join(MIXED_GENOTYPE)])
+def test_reparameterize_model_is_exact(genotype):
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_metapool_035', genotype=genotype).eval()
+    with torch.no_grad():  # non-trivial BN affine and statistics, so bias effects would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_(std=0.1)
+                m.running_var.uniform_(0.5, 2.)
+    enable_deploy_rewrite(model)
+    deployed = reparameterize_model(model)
+    num_avg = sum(name.startswith('avg') for name in model.genotype)
+    num_fused = sum(isinstance(m, ProjectionAvgPool) for m in deployed.modules())
+    assert num_avg > 0 and num_fused == num_avg
+    assert list(deployed.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 57, 43)  # odd sizes: the pools see borders at every stage
+    with torch.no_grad():
+        expected, got = model(x), deployed(x)
+    assert rel_err(got, expected) <= 1e-5
+
+
+def test_reparameterize_leaves_open_and_non_avg_slots():
+    model = timm.create_model('mobilenetv2_metapool_035').eval()  # supernet: every slot open
+    model.fix_slot(0, 'avg5')
+    model.fix_slot(1, 'max3')
+    enable_deploy_rewrite(model)
+    deployed = reparameterize_model(model)
+    assert isinstance(deployed.enhancer_blocks()[0].conv_pwl, ProjectionAvgPool)
+    assert not isinstance(deployed.enhancer_blocks()[1].conv_pwl, ProjectionAvgPool)
+    assert all(isinstance(s, MetaPooling) for s in deployed.enhancer_slots()[2:])
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert rel_err(deployed(x), model(x)) <= 1e-5
