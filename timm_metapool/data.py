@@ -5,13 +5,13 @@ never used to update alpha.
 """
 import os
 from collections import defaultdict
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['dataset_targets', 'stratified_split', 'DatasetSplit', 'DEMO_CLASSES', 'generate_demo_dataset']
+__all__ = ['dataset_targets', 'dataset_class_names', 'stratified_split', 'DatasetSplit', 'DEMO_CLASSES', 'generate_demo_dataset']
 
 
 def dataset_targets(dataset: Any) -> List[int]:
@@ -36,7 +36,21 @@ def dataset_targets(dataset: Any) -> List[int]:
         f'split cannot be stratified. Use an image-folder, tar, hfds/ or torch/ dataset from timm.data.create_dataset.')
 
 
-def stratified_split(targets: Sequence[int], meta_fraction: float, seed: int = 0) -> Tuple[List[int], List[int]]:
+def dataset_class_names(dataset: Any) -> Optional[Dict[int, str]]:
+    """Class index -> name (the folder name for timm's folder reader), or None if the dataset does not say."""
+    reader = getattr(dataset, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
+    if class_to_idx:
+        return {int(i): str(name) for name, i in class_to_idx.items()}
+    return None
+
+
+def stratified_split(
+        targets: Sequence[int],
+        meta_fraction: float,
+        seed: int = 0,
+        class_names: Optional[Dict[int, str]] = None,
+) -> Tuple[List[int], List[int]]:
     """Split sample indices into (train, meta), per class, with a seeded shuffle.
 
     Each class puts round(fraction * n) of its samples into the meta split, at least one on each side.
@@ -53,7 +67,8 @@ def stratified_split(targets: Sequence[int], meta_fraction: float, seed: int = 0
     for target in sorted(by_class):
         indices = by_class[target]
         if len(indices) < 2:
-            raise ValueError(f'Class {target} has {len(indices)} image(s); each class needs at least 2 so that both '
+            name = f'{class_names[target]!r} (index {target})' if class_names and target in class_names else target
+            raise ValueError(f'Class {name} has {len(indices)} image(s); each class needs at least 2 so that both '
                              f'the train and the meta split get one. Add images or drop the class.')
         shuffled = [indices[i] for i in rng.permutation(len(indices))]
         n_meta = min(max(1, round(meta_fraction * len(indices))), len(indices) - 1)

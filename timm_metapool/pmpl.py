@@ -246,20 +246,20 @@ class PMPLSearch:
         return events
 
     def state_dict(self) -> Dict:
+        """Optimizer and fixing state; the model's own state_dict is saved beside it."""
         return {
-            'model': self.model.state_dict(),
             'weight_optimizer': self.weight_optimizer.state_dict(),
             'arch_optimizer': self.arch_optimizer.state_dict(),
             'fix_events': [asdict(e) for e in self.fix_events],
             'grad_scaler': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
         }
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: Dict, model_state_dict: Dict[str, torch.Tensor]) -> None:
         """Re-apply the recorded fixes to a fresh supernet, then load weights, alpha and optimizer state."""
         self.fix_events = [FixEvent(**e) for e in state['fix_events']]
         for event in self.fix_events:
             self.model.fix_slot(event.slot, event.op_name)
-        self.model.load_state_dict(state['model'])
+        self.model.load_state_dict(model_state_dict)
         self.weight_optimizer, self.arch_optimizer = build_optimizers(self.model, self.config)
         self.weight_optimizer.load_state_dict(state['weight_optimizer'])
         self.arch_optimizer.load_state_dict(state['arch_optimizer'])

@@ -24,7 +24,8 @@ from timm.data import create_dataset, create_loader, create_transform, resolve_d
 from timm.scheduler import CosineLRScheduler
 
 import timm_metapool  # noqa: F401  (registers the models)
-from timm_metapool.data import DatasetSplit, dataset_targets, generate_demo_dataset, stratified_split
+from timm_metapool.data import (
+    DatasetSplit, dataset_class_names, dataset_targets, generate_demo_dataset, stratified_split)
 from timm_metapool.ops import OP_NAMES
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
 
@@ -108,8 +109,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --model {args.model!r} is not a Meta-Pooling model; choose one of "
                          f"{', '.join(timm.list_models('mobilenetv2_metapool*'))}.")
     if args.resume:
-        if not os.path.isfile(args.resume):
-            raise SystemExit(f'error: --resume {args.resume!r} is not a file; point it at OUTPUT/{CHECKPOINT_NAME}.')
         args.output = args.output or os.path.dirname(os.path.abspath(args.resume))
     if not args.output:
         raise SystemExit('error: --output is required (a new directory for the genotype, logs and checkpoint).')
@@ -183,7 +182,8 @@ def make_datasets(args: argparse.Namespace):
         raise SystemExit(f'error: the training split of {args.data_dir!r} has no images.')
     targets = dataset_targets(train_base)
     try:
-        train_idx, meta_idx = stratified_split(targets, args.meta_fraction, seed=args.seed)
+        train_idx, meta_idx = stratified_split(
+            targets, args.meta_fraction, seed=args.seed, class_names=dataset_class_names(train_base))
     except ValueError as e:
         raise SystemExit(f'error: {e}')
     return DatasetSplit(train_base, train_idx), DatasetSplit(meta_base, meta_idx), len(set(targets))
@@ -265,11 +265,54 @@ def retrain_command(args, genotype_path: str, num_classes: int, data_config) -> 
     return ' '.join(p for p in parts if p)
 
 
-def run(args: argparse.Namespace) -> Dict:
+def load_resume_state(args: argparse.Namespace) -> Optional[Dict]:
+    """The checkpoint of `--resume`, checked to be a PMPL search of `--model` before any work starts."""
+    if not args.resume:
+        return None
+    try:
+        state = torch.load(args.resume, map_location='cpu', weights_only=False)
+    except Exception as e:  # torch raises several types for files that are not checkpoints
+        raise SystemExit(f'error: cannot read --resume {args.resume!r}: {e}')
+    if not isinstance(state, dict) or state.get('format_version') != CHECKPOINT_FORMAT or 'search' not in state:
+        raise SystemExit(f'error: {args.resume!r} is not a PMPL search checkpoint (OUTPUT/{CHECKPOINT_NAME}).')
+    return state
+
+
+def check_resumed_model(args: argparse.Namespace, state: Dict) -> None:
+    if state['model'] != args.model:
+        raise SystemExit(f"error: {args.resume!r} is a search of {state['model']} with {state['num_slots']} slots, "
+                         f"not of --model {args.model}; pass --model {state['model']} or drop --model.")
+
+
+def explicit_arg_names(argv: Optional[Sequence[str]]) -> set:
+    """Names of the options actually given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def merge_resumed_args(args: argparse.Namespace, saved: Dict, explicit: set) -> None:
+    """A resumed run keeps the settings of the run it continues, except those given again explicitly."""
+    for name, value in saved.items():
+        if name not in explicit and name not in ('resume', 'overwrite', 'output') and hasattr(args, name):
+            setattr(args, name, value)
+
+
+def run(args: argparse.Namespace, explicit: Optional[set] = None) -> Dict:
+    """Run a search for parsed `args`; `explicit` names the options the user gave (for --resume)."""
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f'error: --resume {args.resume!r} is not a file; point it at OUTPUT/{CHECKPOINT_NAME}.')
+        resume_state = load_resume_state(args)
+        merge_resumed_args(args, resume_state['args'], explicit if explicit is not None else set(vars(args)))
+        check_resumed_model(args, resume_state)
+    else:
+        resume_state = None
     check_args(args)
     dist_env = Distributed(args.device)
     try:
-        return _run(args, dist_env)
+        return _run(args, dist_env, resume_state)
     except FloatingPointError as e:
         checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
         kept = f'Last good checkpoint: {checkpoint}' if os.path.isfile(checkpoint) else 'No epoch had completed.'
@@ -278,7 +321,7 @@ def run(args: argparse.Namespace) -> Dict:
         dist_env.close()
 
 
-def _run(args: argparse.Namespace, dist_env: Distributed) -> Dict:
+def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional[Dict]) -> Dict:
     log = (lambda *a: print(*a, flush=True)) if dist_env.is_main else (lambda *a: None)
     if dist_env.is_main:
         os.makedirs(args.output, exist_ok=True)
@@ -317,10 +360,12 @@ def _run(args: argparse.Namespace, dist_env: Distributed) -> Dict:
 
     steps_per_epoch = len(train_loader)
     start_epoch, global_step, log_rows, history, elapsed = 0, 0, [], [], 0.0
-    if args.resume:
-        state = torch.load(args.resume, map_location=dist_env.device, weights_only=False)
-        check_resume(state, args, model.num_slots)
-        search.load_state_dict(state['search'])
+    if resume_state is not None:
+        state = resume_state
+        if state['num_slots'] != model.num_slots:
+            raise SystemExit(f"error: {args.resume!r} has {state['num_slots']} slots, {args.model} has "
+                             f'{model.num_slots}; it was made by another version of the model.')
+        search.load_state_dict(state['search'], state['state_dict'])
         start_epoch, global_step = state['epoch'], state['global_step']
         log_rows, history, elapsed = state['log_rows'], state['history'], state['elapsed_s']
         log(f'Resumed {args.resume}: epoch {start_epoch}, {model.num_slots - len(model.open_slots())}/'
@@ -381,17 +426,27 @@ def _run(args: argparse.Namespace, dist_env: Distributed) -> Dict:
             f"{row['epoch_time_s']:.1f}s")
         if dist_env.is_main:
             write_log_csv(log_rows, os.path.join(args.output, LOG_NAME))
-            atomic_save(dict(
-                format_version=CHECKPOINT_FORMAT, model=args.model, num_slots=model.num_slots, epoch=epoch,
-                global_step=global_step, search=search.state_dict(), log_rows=log_rows, history=history,
-                elapsed_s=elapsed, args=vars(args), num_classes=num_classes,
-            ), os.path.join(args.output, CHECKPOINT_NAME))
+            save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes)
 
     forced = search.apply_early_stopping(global_step, epoch, force=True) if not search.done else []
     for event in forced:
         log(f'  slot {event.slot} forced to its argmax {event.op_name} (pi={max(event.probabilities):.3f})')
+    if forced and dist_env.is_main:
+        save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes)
     return finish(args, dist_env, search, model, num_classes, data_config, epoch, global_step, steps_per_epoch,
                   history, elapsed, train_set, meta_set)
+
+
+def save_checkpoint(args, search: PMPLSearch, model, epoch: int, global_step: int, log_rows, history, elapsed: float,
+                    num_classes: int) -> None:
+    """OUTPUT/last.pth, written atomically: a kill mid-write leaves the previous epoch's file intact."""
+    genotype = model.genotype
+    atomic_save(dict(
+        format_version=CHECKPOINT_FORMAT, model=args.model, num_slots=model.num_slots, epoch=epoch,
+        global_step=global_step, state_dict=model.state_dict(), search=search.state_dict(),
+        genotype=None if genotype is None else genotype.to_string(), log_rows=log_rows, history=history,
+        elapsed_s=elapsed, args=vars(args), num_classes=num_classes,
+    ), os.path.join(args.output, CHECKPOINT_NAME))
 
 
 def _progress(total: int, epoch: int, epochs: int):
@@ -412,14 +467,6 @@ def epoch_row(epoch: int, step: int, lr: float, sums: Dict, model, epoch_time: f
         for name, value in zip(OP_NAMES, probabilities or [float('nan')] * len(OP_NAMES)):
             row[f'pi_{slot}_{name}'] = value
     return row
-
-
-def check_resume(state: Dict, args: argparse.Namespace, num_slots: int) -> None:
-    if not isinstance(state, dict) or state.get('format_version') != CHECKPOINT_FORMAT or 'search' not in state:
-        raise SystemExit(f'error: {args.resume!r} is not a PMPL search checkpoint (OUTPUT/{CHECKPOINT_NAME}).')
-    if state['model'] != args.model or state['num_slots'] != num_slots:
-        raise SystemExit(f"error: {args.resume!r} is a search of {state['model']} with {state['num_slots']} slots, "
-                         f'not of --model {args.model} ({num_slots} slots); pass --model {state["model"]}.')
 
 
 def check_ranks_agree(model, dist_env: Distributed, epoch: int) -> None:
@@ -467,7 +514,7 @@ def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    run(args)
+    run(args, explicit_arg_names(argv))
     return 0
 
 

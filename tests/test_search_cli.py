@@ -1,0 +1,151 @@
+"""The search driver end to end on the generated dataset: outputs, resume after a kill, torchrun, bad input."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import timm
+
+from timm_metapool import Genotype
+from timm_metapool.data import DEMO_CLASSES, generate_demo_dataset
+from train_hooks.search import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return generate_demo_dataset(str(tmp_path_factory.mktemp('demo') / 'data'), images_per_class={'train': 16})
+
+
+def search_args(data_dir, output, *extra):
+    return ['--data-dir', data_dir, '--output', str(output), '--model', 'mobilenetv2_metapool_035', '--img-size', '32',
+            '-b', '16', '--epochs', '3', '--workers', '0', '--lr', '0.01', '--arch-lr', '0.05', '--quiet', *extra]
+
+
+def test_end_to_end_search_writes_every_output(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    main(search_args(data_dir, out))
+    summary = json.loads((out / 'genotype.json').read_text())
+    genotype = Genotype.from_json_file(out / 'genotype.json')
+    assert summary['format_version'] == 1 and summary['model'] == 'mobilenetv2_metapool_035'
+    assert len(genotype) == summary['num_slots'] == 16
+    assert len(summary['probabilities']) == 16 and all(len(p) == 8 for p in summary['probabilities'])
+    for ops_pi, op, forced in zip(summary['probabilities'], genotype, summary['forced']):
+        assert summary['op_names'][max(range(8), key=ops_pi.__getitem__)] == op  # every slot took its argmax
+    assert summary['data']['train_images'] == summary['data']['meta_images'] == 64  # half of each class to meta
+    assert summary['args']['meta_fraction'] == 0.5 and summary['seed'] == 0
+
+    rows = list(csv.DictReader((out / 'search_log.csv').open()))
+    assert len(rows) == summary['epochs_run'] >= 1
+    assert {'train_loss', 'meta_loss', 'train_top1', 'meta_top1', 'slots_fixed', 'pi_0_skip', 'pi_15_avg7'} <= set(rows[0])
+    assert (out / 'search.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    command = (out / 'retrain_command.txt').read_text()
+    assert f'--model-kwargs genotype={out / "genotype.json"}' in command and '--device-modules timm_metapool' in command
+
+    checkpoint = torch.load(out / 'last.pth', weights_only=False)
+    assert checkpoint['genotype'] == genotype.to_string()
+    fixed = timm.create_model('mobilenetv2_metapool_035', genotype=str(out / 'genotype.json'), num_classes=8)
+    fixed.load_state_dict(checkpoint['state_dict'])  # the searched weights fit the fixed architecture
+
+
+def _wait_for_checkpoint(path, process, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout and process.poll() is None:
+        if os.path.exists(path):
+            return torch.load(path, weights_only=False)['epoch']
+        time.sleep(0.05)
+    return None
+
+
+def test_resume_after_kill_gives_the_same_search(data_dir, tmp_path):
+    straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+    settings = ('--rho', '0.9', '--epochs', '2')  # rho high: both epochs run, slots are fixed at the end
+    main(search_args(data_dir, straight, *settings))
+
+    process = subprocess.Popen([sys.executable, '-m', 'train_hooks.search', *search_args(data_dir, killed, *settings)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    epoch_at_kill = _wait_for_checkpoint(killed / 'last.pth', process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert epoch_at_kill is not None and epoch_at_kill < 2, 'the run should be killed mid-way'
+    main(['--resume', str(killed / 'last.pth')])  # every other setting comes from the checkpoint
+
+    a = json.loads((straight / 'genotype.json').read_text())
+    b = json.loads((killed / 'genotype.json').read_text())
+    assert a['ops'] == b['ops'] and a['probabilities'] == b['probabilities']
+    sa = torch.load(straight / 'last.pth', weights_only=False)['state_dict']
+    sb = torch.load(killed / 'last.pth', weights_only=False)['state_dict']
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_torchrun_two_processes_agree(data_dir, tmp_path):
+    out = tmp_path / 'ddp'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'train_hooks.search',
+         *search_args(data_dir, out, '--epochs', '2')],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / 'genotype.json').read_text())
+    assert summary['world_size'] == 2
+    rank0, rank1 = summary['rank_probabilities']
+    assert rank0 == rank1 and rank0 == summary['probabilities']
+
+
+@pytest.mark.parametrize('flag, value, message', [
+    ('--meta-fraction', '0', 'strictly between 0 and 1'),
+    ('--meta-fraction', '1.5', 'strictly between 0 and 1'),
+    ('--rho', '0', r'--rho must be in \(0, 1\]'),
+    ('--rho', '1.2', r'--rho must be in \(0, 1\]'),
+    ('--model', 'mobilenetv2_100', 'not a Meta-Pooling model'),
+])
+def test_bad_arguments(data_dir, tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        main(search_args(data_dir, tmp_path / 'x', flag, value))
+    assert not (tmp_path / 'x').exists()
+
+
+def test_existing_output_is_never_overwritten(data_dir, tmp_path):
+    out = tmp_path / 'taken'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit, match='exists and is not empty.*--resume.*--overwrite'):
+        main(search_args(data_dir, out))
+    assert os.listdir(out) == ['notes.txt'] and (out / 'notes.txt').read_text() == 'mine'
+
+
+def test_missing_and_empty_data_dirs(tmp_path):
+    with pytest.raises(SystemExit, match='does not exist'):
+        main(search_args(str(tmp_path / 'nowhere'), tmp_path / 'o1'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(SystemExit, match='cannot read the training split'):
+        main(search_args(str(tmp_path / 'empty'), tmp_path / 'o2'))
+
+
+def test_class_with_too_few_images(tmp_path):
+    root = generate_demo_dataset(str(tmp_path / 'data'), images_per_class={'train': 4})
+    lonely = os.path.join(root, 'train', DEMO_CLASSES[0])
+    for name in sorted(os.listdir(lonely))[1:]:
+        os.remove(os.path.join(lonely, name))
+    with pytest.raises(SystemExit, match=f"Class '{DEMO_CLASSES[0]}' \\(index \\d\\) has 1 image.*at least 2"):
+        main(search_args(root, tmp_path / 'out'))
+
+
+def test_resume_from_another_model_or_a_foreign_file(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    main(search_args(data_dir, out, '--epochs', '1'))
+    resume = ['--resume', str(out / 'last.pth')]
+    with pytest.raises(SystemExit, match='is a search of mobilenetv2_metapool_035 with 16 slots'):
+        main(resume + search_args(data_dir, out, '--model', 'mobilenetv2_metapool_110d'))
+    foreign = tmp_path / 'foreign.pth'
+    torch.save({'weights': 1}, foreign)
+    with pytest.raises(SystemExit, match='not a PMPL search checkpoint'):
+        main(['--resume', str(foreign)] + search_args(data_dir, out))
+    with pytest.raises(SystemExit, match='is not a file'):
+        main(['--resume', str(tmp_path / 'nope.pth')] + search_args(data_dir, out))
