@@ -63,6 +63,13 @@ def _wait_for_checkpoint(path, process, timeout=300):
     return None
 
 
+def test_max_images_takes_a_stratified_sample(data_dir, tmp_path):
+    out = tmp_path / 'subset'
+    main(search_args(data_dir, out, '--max-images', '64', '-b', '8', '--epochs', '1'))
+    data = json.loads((out / 'genotype.json').read_text())['data']
+    assert data['train_images'] + data['meta_images'] == 64 and data['train_images'] == 32  # 8 per class, halved
+
+
 def test_resume_after_kill_gives_the_same_search(data_dir, tmp_path):
     straight, killed = tmp_path / 'straight', tmp_path / 'killed'
     settings = ('--rho', '0.9', '--epochs', '2')  # rho high: both epochs run, slots are fixed at the end

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--train-split', default='train')
     data.add_argument('--meta-fraction', type=float, default=0.5,
                       help='share of each class of the training split moved to the meta split (never validation)')
+    data.add_argument('--max-images', type=int, default=None,
+                      help='search on a class-stratified, seeded sample of this many training images')
     data.add_argument('--num-classes', type=int, default=None, help='default: read from the dataset')
     data.add_argument('--in-chans', type=int, default=None)
     data.add_argument('--img-size', type=int, default=None)
@@ -103,6 +105,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f'error: --meta-fraction must be strictly between 0 and 1, got {args.meta_fraction}.')
     if not 0.0 < args.rho <= 1.0:
         raise SystemExit(f'error: --rho must be in (0, 1], got {args.rho}.')
+    if args.max_images is not None and args.max_images < 2:
+        raise SystemExit(f'error: --max-images must be at least 2 per class, got {args.max_images}.')
     if args.epochs < 1 or args.batch_size < 1:
         raise SystemExit('error: --epochs and --batch-size must be at least 1.')
     if args.model not in timm.list_models('mobilenetv2_metapool*'):
@@ -181,11 +185,16 @@ def make_datasets(args: argparse.Namespace):
     if len(train_base) == 0:
         raise SystemExit(f'error: the training split of {args.data_dir!r} has no images.')
     targets = dataset_targets(train_base)
+    class_names = dataset_class_names(train_base)
     try:
-        train_idx, meta_idx = stratified_split(
-            targets, args.meta_fraction, seed=args.seed, class_names=dataset_class_names(train_base))
+        pool = list(range(len(targets)))
+        if args.max_images is not None and args.max_images < len(targets):
+            _, pool = stratified_split(targets, args.max_images / len(targets), seed=args.seed, class_names=class_names)
+        local_train, local_meta = stratified_split(
+            [targets[i] for i in pool], args.meta_fraction, seed=args.seed, class_names=class_names)
     except ValueError as e:
         raise SystemExit(f'error: {e}')
+    train_idx, meta_idx = [pool[i] for i in local_train], [pool[i] for i in local_meta]
     return DatasetSplit(train_base, train_idx), DatasetSplit(meta_base, meta_idx), len(set(targets))
 
 
