@@ -28,15 +28,15 @@ from .pretrained import (
 __all__ = [
     'PAPER_CITATION', 'TrainedCheckpoint', 'GenotypeMismatchError', 'load_trained_checkpoint',
     'enhancer_slot_names', 'fixed_state_dict', 'verify_state_dict', 'checkpoint_filter_fn',
-    'parse_checkpoint_genotype', 'build_model_for_weights', 'read_metrics', 'render_model_card', 'export_for_hub', 'check_push_credentials', 'push_export',
+    'parse_checkpoint_genotype', 'build_model_for_weights', 'read_metrics', 'render_model_card', 'export_for_hub',
+    'check_push_credentials', 'push_export',
 ]
 
-PAPER_CITATION = """@inproceedings{dong2023metapooling,
+# Title and authors as printed on the paper; add the venue and year from the publisher's page when citing.
+PAPER_CITATION = """@misc{dong_metapooling,
   title={Progressive Meta-Pooling Learning for Lightweight Image Classification Model},
   author={Dong, Peijie and Niu, Xin and Tian, Zhiliang and Li, Lujun and Wang, Xiaodong and Wei, Zimian and
-          Pan, Hengyue and Li, Dongsheng},
-  booktitle={IEEE International Conference on Acoustics, Speech and Signal Processing (ICASSP)},
-  year={2023}
+          Pan, Hengyue and Li, Dongsheng}
 }"""
 
 # timm train.py keys that describe evaluation preprocessing; the export's pretrained_cfg records them.

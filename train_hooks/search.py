@@ -363,8 +363,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     amp_dtype = getattr(torch, args.amp_dtype)
     autocast = (lambda: torch.autocast(dist_env.device.type, dtype=amp_dtype)) if args.amp else contextlib.nullcontext
     scaler = torch.amp.GradScaler(dist_env.device.type) if args.amp and amp_dtype == torch.float16 else None
-    loss_fn = (timm.loss.LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0
-               else torch.nn.CrossEntropyLoss())
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
     search = PMPLSearch(model, config, loss_fn=loss_fn, wrap=dist_env.wrap, autocast=autocast, grad_scaler=scaler)
 
     steps_per_epoch = len(train_loader)
