@@ -69,10 +69,10 @@ def test_linear_basis_matches_avg_pool(shape):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('shape', [(1, 2, 4, 3), (2, 3, 1, 1)])
+@pytest.mark.parametrize('shape', [(1, 2, 4, 3), (2, 3, 1, 1), (1, 2, 5, 1)])
 def test_shared_depthwise_conv_gradcheck(shape):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    kernel = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)  # not symmetric: the backward must not assume it
+    kernel = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)  # not symmetric: the backward must not assume it
     assert torch.autograd.gradcheck(_SharedDepthwiseConv.apply, (x, kernel))
     # and the kernel gradient is skipped, not wrong, when the kernel needs none
     out = _SharedDepthwiseConv.apply(x, kernel.detach())

@@ -53,7 +53,7 @@ def linear_pool_basis(op_names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tens
 
 
 class _SharedDepthwiseConv(torch.autograd.Function):
-    """Depthwise conv of x with one (K, K) kernel shared by every channel, zero padding K // 2.
+    """Depthwise conv of x with one odd-sized (KH, KW) kernel shared by every channel, zero padding (KH // 2, KW // 2).
 
     Autograd's own backward would compute the per-channel weight gradient in x's layout, which on CPU for NCHW
     maps is one to two orders of magnitude slower than the conv itself (oneDNN's depthwise weight-gradient kernel is
@@ -63,17 +63,17 @@ class _SharedDepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        channels, size = x.shape[1], kernel.shape[-1]
-        weight = kernel.expand(channels, 1, size, size)
+        channels = x.shape[1]
+        weight = kernel.expand(channels, 1, *kernel.shape)
         ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, padding=size // 2, groups=channels)
+        return F.conv2d(x, weight, padding=(kernel.shape[0] // 2, kernel.shape[1] // 2), groups=channels)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         x, weight = ctx.saved_tensors
-        channels, size = x.shape[1], weight.shape[-1]
-        conv_args = ([1, 1], [size // 2] * 2, [1, 1], False, [0, 0], channels)
+        channels, kh, kw = x.shape[1], weight.shape[2], weight.shape[3]
+        conv_args = ([1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], channels)
         grad_x = grad_kernel = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
@@ -173,6 +173,13 @@ class MetaPooling(nn.Module):
         if masks.shape[-1] == 1:  # `skip` alone
             return weights[self._linear_idx[0]] * x
         kernel = torch.tensordot(weights[self._linear_idx] / self.linear_areas.to(x.dtype), masks, dims=1)
+        # Taps farther from the centre than the map is wide only ever meet zero padding: dropping them is exact and
+        # saves most of the work on the small late-stage maps (a 1x1 map needs a single scale).
+        size = kernel.shape[-1]
+        kh, kw = min(size, 2 * x.shape[2] - 1), min(size, 2 * x.shape[3] - 1)
+        kernel = kernel[(size - kh) // 2:(size + kh) // 2, (size - kw) // 2:(size + kw) // 2]
+        if kh == kw == 1:
+            return x * kernel[0, 0]
         return _SharedDepthwiseConv.apply(x, kernel)
 
     def _max_terms(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
