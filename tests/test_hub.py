@@ -112,7 +112,7 @@ def test_model_card(export_dir):
     assert '![PMPL search](search_plot.png)' in card
     assert '| top1 | 12.5 |' in card
     assert 'Progressive Meta-Pooling Learning for Lightweight Image Classification Model' in card
-    assert '@inproceedings' in card
+    assert 'Dong, Peijie and Niu, Xin' in card  # the citation's authors
 
 
 def test_local_dir_round_trip(export_dir, trained):

@@ -198,3 +198,14 @@ def test_torch_compile_fixed_model():
 def test_package_exports():
     assert timm_metapool.OP_NAMES == ('skip', 'global', 'max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7')
     assert isinstance(timm.create_model('mobilenetv2_metapool_035').enhancer_slots()[0], MetaPooling)
+
+
+def test_reparameterize_model_moves_avg_pools_out_of_the_box():
+    from timm.utils.model import reparameterize_model
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_metapool_035', genotype='avg3', num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    deployed = reparameterize_model(model)
+    assert all(isinstance(b.se, torch.nn.Identity) for b in deployed.enhancer_blocks())
+    torch.testing.assert_close(deployed(x), expected, rtol=1e-5, atol=1e-6)

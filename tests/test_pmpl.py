@@ -95,6 +95,7 @@ def test_alpha_gradient_is_taken_at_the_virtual_step_and_theta_is_restored(first
     reference = copy.deepcopy(model)
     search.weight_gradient(*train)
     before = _state(model)
+    g = {n: p.grad.detach().clone() for n, p in model.named_weight_parameters() if p.grad is not None}
     alpha_before = [a.detach().clone() for a in model.arch_parameters()]
     search.update_alpha(*meta)
 
@@ -104,20 +105,19 @@ def test_alpha_gradient_is_taken_at_the_virtual_step_and_theta_is_restored(first
             assert torch.equal(before[key], after[key]), f'{key} not restored exactly'
     applied = [b - a.detach() for a, b in zip(model.arch_parameters(), alpha_before)]
 
-    # Independent: theta' = theta - zeta * grad_theta L_tr, then grad_alpha L_mt at theta' (same BN statistics).
-    reference.train()
-    ref_weights = [p for n, p in reference.named_parameters() if not n.endswith('arch_alpha')]
-    g = torch.autograd.grad(F.cross_entropy(reference(train[0]), train[1]), ref_weights, allow_unused=True)
+    # Independent: theta' = theta - zeta * g on a copy (g itself is checked in the next test), then autograd of the
+    # meta loss with respect to alpha at theta'.
     reference.load_state_dict(before)
+    reference.train()
     with torch.no_grad():
         if not first_order:
-            for p, gi in zip(ref_weights, g):
-                if gi is not None:
-                    p.sub_(0.01 * gi)
+            for name, p in reference.named_weight_parameters():
+                if name in g:
+                    p.add_(g[name], alpha=-0.01)
     ref_alphas = [a.requires_grad_(True) for a in reference.arch_parameters()]
     expected = torch.autograd.grad(F.cross_entropy(reference(meta[0]), meta[1]), ref_alphas)
     for got, want in zip(applied, expected):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert any(w.abs().sum() > 0 for w in expected)
     if not first_order:  # the virtual step matters: the gradient at theta itself is measurably different
         reference.load_state_dict(before)

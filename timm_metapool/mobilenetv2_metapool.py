@@ -19,6 +19,7 @@ from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
 
+from .deploy import enable_deploy_rewrite
 from .genotype import Genotype, GenotypeLike
 from .mixed_op import ARCH_PARAM_NAME, MetaPooling
 from .ops import OP_NAMES, create_op, op_name_of
@@ -229,7 +230,7 @@ def _create_metapool_effnet(variant: str, pretrained: bool = False, **kwargs):
     )
     if features_mode == 'cls':
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
-    return model
+    return enable_deploy_rewrite(model)  # so timm's reparameterize_model moves fixed avg pools behind conv_pwl
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
