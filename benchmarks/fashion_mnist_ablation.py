@@ -16,14 +16,12 @@ import argparse
 import gzip
 import json
 import os
-import random
 import shutil
 import statistics
 import sys
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import timm
@@ -36,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm_metapool  # noqa: F401
 from timm_metapool.data import DatasetSplit, dataset_targets, stratified_split
 from train_hooks import search as search_cli
+from train_hooks.search import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_speed import infer_step, time_interleaved  # noqa: E402
@@ -74,12 +73,6 @@ def prepare_data(root: str) -> str:
         with gzip.open(os.path.join(DEBIAN_DIR, name + '.gz'), 'rb') as src, open(os.path.join(raw, name), 'wb') as dst:
             shutil.copyfileobj(src, dst)
     return root
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run_search(cfg: Dict, data_root: str, out: str, early_stop: bool) -> Dict:

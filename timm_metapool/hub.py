@@ -21,8 +21,7 @@ from torch import nn
 from .genotype import Genotype, GenotypeLike
 from .mixed_op import ARCH_PARAM_NAME
 from .pretrained import (
-    SAFETENSORS_GENOTYPE_KEY, GenotypeMismatchError, first_genotype_difference, local_weights_file,
-    read_safetensors_genotype,
+    SAFETENSORS_GENOTYPE_KEY, GenotypeMismatchError, check_weights_genotype, read_safetensors_genotype,
 )
 
 __all__ = [
@@ -183,15 +182,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     from timm.models._builder import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(model.pretrained_cfg.get('architecture'), pretrained_cfg=dict(model.pretrained_cfg))
-    weights_file = local_weights_file(cfg)
-    if weights_file and weights_file.endswith('.safetensors') and model.genotype is not None:
-        stored = read_safetensors_genotype(weights_file)
-        difference = stored and first_genotype_difference(
-            Genotype.parse(stored), model.genotype, enhancer_slot_names(model))
-        if difference:
-            raise GenotypeMismatchError(
-                f'Weights {weights_file!r} were trained with another genotype: {difference}. Build the model with '
-                f'the genotype stored with them ({stored}).')
+    if model.genotype is not None:
+        # Checked again here: a Hub download lands on disk only after the builder's own check ran.
+        check_weights_genotype(cfg, model.genotype, enhancer_slot_names(model))
     verify_state_dict(state_dict, model)
     return state_dict
 

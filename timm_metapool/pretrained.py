@@ -18,7 +18,7 @@ from .genotype import Genotype, GenotypeLike
 
 __all__ = [
     'PRETRAINED_TAGS', 'SAFETENSORS_GENOTYPE_KEY', 'GenotypeMismatchError', 'first_genotype_difference',
-    'local_weights_file', 'read_safetensors_genotype', 'resolve_pretrained_genotype',
+    'local_weights_file', 'read_safetensors_genotype', 'check_weights_genotype', 'resolve_pretrained_genotype',
 ]
 
 # The one place that lists Hub weights: 'arch.tag' -> repo id, and whether files have been published there.
@@ -85,6 +85,24 @@ def local_weights_file(cfg: PretrainedCfg) -> Optional[str]:
         cached = try_to_load_from_cache(repo_id, cfg.hf_hub_filename or HF_SAFE_WEIGHTS_NAME, revision=revision)
         return cached if isinstance(cached, str) else None
     return None
+
+
+def check_weights_genotype(
+        cfg: PretrainedCfg,
+        genotype: Genotype,
+        slot_names: Optional[Sequence[str]] = None,
+) -> None:
+    """Raise `GenotypeMismatchError` if the weights of `cfg`, when already on disk, were exported with another
+    genotype (their safetensors metadata), naming the first differing slot. Weights not on disk are not checked."""
+    weights_file = local_weights_file(cfg)
+    if not (weights_file and weights_file.endswith('.safetensors')):
+        return
+    stored = read_safetensors_genotype(weights_file)
+    difference = stored and first_genotype_difference(Genotype.parse(stored), genotype, slot_names)
+    if difference:
+        raise GenotypeMismatchError(
+            f'Weights {weights_file!r} were trained with another genotype: {difference}. Build the model with the '
+            f'genotype stored with them ({stored}), or leave genotype out to use it.')
 
 
 def _genotype_from_config_file(path: str, repo_id: str) -> str:
@@ -156,14 +174,5 @@ def resolve_pretrained_genotype(
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     if genotype is None:
         return _genotype_of_weights(variant, cfg)
-    weights_file = local_weights_file(cfg)
-    if weights_file and weights_file.endswith('.safetensors'):
-        stored = read_safetensors_genotype(weights_file)
-        if stored:
-            difference = first_genotype_difference(
-                Genotype.parse(stored), Genotype.parse(genotype, num_slots=num_slots))
-            if difference:
-                raise GenotypeMismatchError(
-                    f'Weights {weights_file!r} were trained with another genotype: {difference}. Leave genotype '
-                    f'out to use the one stored with the weights ({stored}).')
+    check_weights_genotype(cfg, Genotype.parse(genotype, num_slots=num_slots))
     return genotype
