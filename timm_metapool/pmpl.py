@@ -195,11 +195,12 @@ class PMPLSearch:
         alphas = self.model.arch_parameters()
         if not alphas:
             return float('nan'), 0
-        weights = [p for p in self.model.weight_parameters() if p.grad is not None]
+        # Only the virtual step moves the weights; the first-order variant leaves them as they are.
+        weights = [] if self.config.first_order else [p for p in self.model.weight_parameters() if p.grad is not None]
         saved_weights = [p.detach().clone() for p in weights]
         saved_buffers = [b.detach().clone() for b in self.model.buffers()]  # the meta pass must not move BN stats
         try:
-            if not self.config.first_order:
+            if weights:
                 with torch.no_grad():
                     torch._foreach_add_(weights, [p.grad for p in weights], alpha=-self.lr)
             for alpha in alphas:
