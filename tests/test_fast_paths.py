@@ -17,7 +17,7 @@ from timm.utils.model import reparameterize_model
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
 from timm_metapool.mixed_op import MetaPooling, _SharedDepthwiseConv, linear_pool_basis
-from timm_metapool.ops import OP_NAMES, GlobalContextEnhancer, pool_kernel_size
+from timm_metapool.ops import OP_NAMES, GlobalContextEnhancer, apply_gates, directional_means, pool_kernel_size
 
 SMALL_SHAPES = [(2, 8, 9, 7), (3, 5, 1, 1), (2, 6, 2, 3), (1, 4, 5, 1)]
 
@@ -174,6 +174,49 @@ def test_global_enhancer_matches_conv_reference(shape, train):
                        + [module.bn.running_mean.clone(), module.bn.running_var.clone()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES)
+@pytest.mark.parametrize('needs_grad', [(True, True, True), (True, False, False), (False, True, True)])
+def test_apply_gates_matches_broadcast_product(shape, needs_grad):
+    """The lean gate product against autograd through x * a_h * a_w, for each subset of inputs needing grads."""
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, generator=gen, dtype=torch.float64),
+              torch.rand(n, c, h, 1, generator=gen, dtype=torch.float64),
+              torch.rand(n, c, 1, w, generator=gen, dtype=torch.float64)]
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    results = []
+    for forward in (apply_gates, lambda x, a_h, a_w: x * a_h * a_w):
+        leaves = [t.clone().requires_grad_(r) for t, r in zip(inputs, needs_grad)]
+        out = forward(*leaves)
+        (out * g).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for got, expected in zip(*results):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(apply_gates, [t.clone().requires_grad_(r) for t, r in zip(inputs, needs_grad)])
+
+
+def test_apply_gates_other_layouts_fall_back():
+    """Channels-last maps and mixed dtypes give what the plain product gives (same values, dtype and layout)."""
+    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    a_h, a_w = torch.rand(2, 8, 5, 1, dtype=torch.float64), torch.rand(2, 8, 1, 6)
+    for args in ((x, a_h.float(), a_w), (x.contiguous(), a_h, a_w)):
+        got, expected = apply_gates(*args), args[0] * args[1] * args[2]
+        assert got.dtype == expected.dtype and got.stride() == expected.stride()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES)
+def test_directional_means_match_mean(shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    z_h, z_w = directional_means(x)
+    torch.testing.assert_close(z_h, x.mean(dim=3), rtol=0, atol=0)
+    torch.testing.assert_close(z_w, x.mean(dim=2), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda t: directional_means(t), (x,))
 
 
 def test_global_enhancer_param_counts():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import OP_NAMES, GlobalContextEnhancer, create_op, pool_kernel_size
+from .ops import OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, pool_kernel_size
 
 __all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
 
@@ -162,11 +162,14 @@ class MetaPooling(nn.Module):
             enhancer: GlobalContextEnhancer = self.ops['global']
             a_h, a_w = enhancer.gates(x)
             # pi_global * x * a_h * a_w with the weight folded into the (N, C, H, 1) gate, not the full map.
-            out = torch.addcmul(out, x * (weights[self._global_idx] * a_h), a_w)
+            out.add_(apply_gates(x, weights[self._global_idx] * a_h, a_w))
         return out
 
     def _linear_term(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum over `skip`/`avgK` of pi_k * op_k(x) as one depthwise conv (zeros if there is no linear candidate)."""
+        """sum over `skip`/`avgK` of pi_k * op_k(x) as one depthwise conv (zeros if there is no linear candidate).
+
+        Always a fresh tensor that no backward needs, so the other terms are accumulated into it in place.
+        """
         if not self._linear_idx:
             return torch.zeros_like(x)
         masks = self.linear_masks.to(x.dtype)
@@ -188,7 +191,7 @@ class MetaPooling(nn.Module):
         for i in self._max_idx:
             pooled = F.max_pool2d(pooled, kernel_size=3, stride=1, padding=1)
             if i is not None:
-                out = torch.add(out, pooled * weights[i])
+                out.addcmul_(pooled, weights[i])
         return out
 
     def extra_repr(self) -> str:

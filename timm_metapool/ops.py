@@ -10,12 +10,97 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    'OP_NAMES', 'LOCAL_OP_NAMES', 'GlobalContextEnhancer', 'create_op', 'op_name_of', 'pool_kernel_size',
+    'OP_NAMES', 'LOCAL_OP_NAMES', 'GlobalContextEnhancer', 'apply_gates', 'create_op', 'op_name_of',
+    'pool_kernel_size',
 ]
 
 # Canonical order: architecture logits, genotypes and saved files all index candidates by this order.
 OP_NAMES: Tuple[str, ...] = ('skip', 'global', 'max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7')
 LOCAL_OP_NAMES: Tuple[str, ...] = ('max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7')
+
+
+class _DirectionalMeans(torch.autograd.Function):
+    """(mean over W, mean over H) of an (N, C, H, W) map, as (N, C, H) and (N, C, W).
+
+    Autograd's two `mean` backwards each materialise a full-size gradient and then add it into x's; here both
+    directions go into one full-size tensor in one broadcast add.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        ctx.spatial = x.shape[2:]
+        return x.mean(dim=3), x.mean(dim=2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
+        height, width = ctx.spatial
+        return torch.add((grad_h / width).unsqueeze(3), (grad_w / height).unsqueeze(2))
+
+
+def directional_means(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The profiles z^h = mean_W x (N, C, H) and z^w = mean_H x (N, C, W) of the Global Context Enhancer."""
+    if torch.jit.is_scripting():
+        return x.mean(dim=3), x.mean(dim=2)
+    return _directional_means_eager(x)
+
+
+@torch.jit.unused
+def _directional_means_eager(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _DirectionalMeans.apply(x)
+
+
+class _ApplyGates(torch.autograd.Function):
+    """x * a_h * a_w for a contiguous NCHW map and contiguous (N, C, H, 1) / (N, C, 1, W) gates.
+
+    The same arithmetic as the two broadcast multiplies, with fewer full-size tensors: on CPU a fresh full-size
+    tensor costs about as much as a pass over it (its pages are faulted in on first write), and autograd's version
+    allocates two in the forward and five in the backward. Here the forward allocates one (the output, multiplied
+    in place by the second gate) and the backward two, reused for every full-size intermediate.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a_h, a_w)
+        return torch.mul(x, a_h).mul_(a_w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, a_h, a_w = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_a_h = grad_a_w = buffer = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # d/da_h = sum_w grad * x * a_w and d/da_w = sum_h grad * x * a_h, through one shared product.
+            buffer = torch.mul(grad_out, x)
+            scratch = torch.mul(buffer, a_w)
+            grad_a_h = scratch.sum(dim=3, keepdim=True)
+            grad_a_w = torch.mul(buffer, a_h, out=scratch).sum(dim=2, keepdim=True)
+        grad_x = torch.mul(grad_out, a_h, out=buffer).mul_(a_w) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_a_h, grad_a_w
+
+
+def apply_gates(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    """x * a_h * a_w for gates a_h (N, C, H, 1) and a_w (N, C, 1, W) (the Global Context Enhancer's output).
+
+    Contiguous NCHW inputs of one dtype take the lean `_ApplyGates`; other layouts (channels-last), mixed dtypes
+    and TorchScript take the plain product.
+    """
+    if torch.jit.is_scripting():
+        return x * a_h * a_w
+    return _apply_gates_eager(x, a_h, a_w)
+
+
+@torch.jit.unused
+def _apply_gates_eager(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    lean = (x.dtype == a_h.dtype == a_w.dtype and x.is_contiguous() and a_h.is_contiguous() and a_w.is_contiguous()
+            and a_h.shape == x.shape[:3] + (1,) and a_w.shape == x.shape[:2] + (1, x.shape[3]))
+    return _ApplyGates.apply(x, a_h, a_w) if lean else x * a_h * a_w
+
+
+# Leaves for torch.fx (timm's feature extraction included): their layout checks are Python control flow.
+torch.fx.wrap('directional_means')
+torch.fx.wrap('apply_gates')
 
 
 class GlobalContextEnhancer(nn.Module):
@@ -56,17 +141,18 @@ class GlobalContextEnhancer(nn.Module):
         batch, channels, height, width = x.shape
         # Both directional profiles side by side, one row per position, so the shared reduction, BN and activation
         # run once for the two directions.
-        z = torch.cat([x.mean(dim=3), x.mean(dim=2)], dim=2).transpose(1, 2).reshape(-1, channels)
+        z = torch.cat(directional_means(x), dim=2).transpose(1, 2).reshape(-1, channels)
         y = F.linear(z, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias)
         # BN over the rows as 1x1 maps: statistics over batch and positions, exactly as on the (N, mid, L, 1) map.
         y = self.act(self.bn(y[:, :, None, None])).view(batch, height + width, -1)
         a_h = F.linear(y[:, :height], self.conv_h.weight.flatten(1), self.conv_h.bias).sigmoid()
         a_w = F.linear(y[:, height:], self.conv_w.weight.flatten(1), self.conv_w.bias).sigmoid()
-        return a_h.transpose(1, 2).unsqueeze(3), a_w.transpose(1, 2).unsqueeze(2)
+        # Contiguous gates (a small copy): broadcasting a strided gate over the full map is up to 2x slower on CPU.
+        return a_h.transpose(1, 2).contiguous().unsqueeze(3), a_w.transpose(1, 2).contiguous().unsqueeze(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_h, a_w = self.gates(x)
-        return x * a_h * a_w
+        return apply_gates(x, a_h, a_w)
 
 
 def pool_kernel_size(op_name: str) -> int:
