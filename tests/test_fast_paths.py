@@ -176,10 +176,11 @@ def test_global_enhancer_matches_conv_reference(shape, train):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('shape', SMALL_SHAPES)
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 8, 8), (2, 3, 9, 8)])
 @pytest.mark.parametrize('needs_grad', [(True, True, True), (True, False, False), (False, True, True)])
 def test_apply_gates_matches_broadcast_product(shape, needs_grad):
-    """The lean gate product against autograd through x * a_h * a_w, for each subset of inputs needing grads."""
+    """The lean gate product (flat GEMM path up to 64 pixels, broadcast path above) against autograd through
+    x * a_h * a_w, for each subset of inputs needing grads."""
     n, c, h, w = shape
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, generator=gen, dtype=torch.float64),
@@ -210,13 +211,28 @@ def test_apply_gates_other_layouts_fall_back():
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('shape', SMALL_SHAPES)
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 8, 8), (2, 3, 9, 8), (1, 2, 16, 16), (1, 2, 40, 3)])
 def test_directional_means_match_mean(shape):
+    """Both the GEMM path (maps up to 64 pixels) and the reduction path against torch's own mean."""
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    z_h, z_w = directional_means(x)
-    torch.testing.assert_close(z_h, x.mean(dim=3), rtol=0, atol=0)
-    torch.testing.assert_close(z_w, x.mean(dim=2), rtol=0, atol=0)
-    assert torch.autograd.gradcheck(lambda t: directional_means(t), (x,))
+    z = directional_means(x)
+    torch.testing.assert_close(z, torch.cat([x.mean(dim=3), x.mean(dim=2)], dim=2), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(directional_means, (x,))
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(directional_means(channels_last), z.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_global_enhancer_trains_after_inference_mode():
+    """Constant matrices cached during an inference_mode call must still serve a later training step."""
+    gce = GlobalContextEnhancer(8)
+    x = torch.randn(2, 8, 5, 11)  # a map size no other test uses: the cache must be filled here
+    with torch.inference_mode():
+        expected = gce(x)
+    x.requires_grad_(True)
+    out = gce(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert x.grad is not None
 
 
 def test_global_enhancer_param_counts():

@@ -3,6 +3,8 @@
 `skip` is "no enhancer"; `max{3,5,7}` / `avg{3,5,7}` are the Local Context Enhancers (stride-1 pooling, same
 output size); `global` is the Global Context Enhancer (spatial separable pooling, Coordinate-Attention structure).
 """
+import functools
+from functools import partial
 from typing import Optional, Tuple, Type
 
 import torch
@@ -19,35 +21,51 @@ OP_NAMES: Tuple[str, ...] = ('skip', 'global', 'max3', 'max5', 'max7', 'avg3', '
 LOCAL_OP_NAMES: Tuple[str, ...] = ('max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7')
 
 
-class _DirectionalMeans(torch.autograd.Function):
-    """(mean over W, mean over H) of an (N, C, H, W) map, as (N, C, H) and (N, C, W).
+# Maps up to this many pixels take GEMMs with constant 0/1 matrices for the enhancer's reductions and broadcasts:
+# on CPU an op over rows of a few elements is dominated by per-row overhead (a 2x2 map: ~20x slower than flat), while
+# on large maps the GEMM's H + W multiplies per element would cost more than the two reductions.
+_SMALL_MAP_MAX_AREA = 64
 
-    Autograd's two `mean` backwards each materialise a full-size gradient and then add it into x's; here both
-    directions go into one full-size tensor in one broadcast add.
+
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached across calls: a first call under inference mode must not make it unsavable
+def _pixel_membership(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(H + W, H * W) 0/1 matrix: row h < H marks the pixels of image row h, row H + w those of image column w."""
+    pixels = torch.arange(height * width, device=device)
+    membership = torch.zeros(height + width, height * width, dtype=dtype, device=device)
+    membership[pixels // width, pixels] = 1.
+    membership[height + pixels % width, pixels] = 1.
+    return membership
+
+
+@functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
+def _averaging_matrix(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(H * W, H + W) matrix M such that x.view(-1, H * W) @ M is [mean over W | mean over H] of each plane."""
+    dd = {'dtype': dtype, 'device': device}
+    scale = torch.cat([torch.full((height,), 1. / width, **dd), torch.full((width,), 1. / height, **dd)])
+    return _pixel_membership(height, width, dtype, device).t() * scale
+
+
+def directional_means(x: torch.Tensor) -> torch.Tensor:
+    """The Global Context Enhancer's profiles side by side: [z^h = mean_W x | z^w = mean_H x], (N, C, H + W).
+
+    Small maps average through one GEMM with `_averaging_matrix`. Large maps use sums scaled afterwards, not
+    `mean`: the backward of `sum` is a broadcast view that autograd adds into x's gradient in place, while that of
+    `mean` first materialises a full-size tensor.
     """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        ctx.spatial = x.shape[2:]
-        return x.mean(dim=3), x.mean(dim=2)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
-        height, width = ctx.spatial
-        return torch.add((grad_h / width).unsqueeze(3), (grad_w / height).unsqueeze(2))
-
-
-def directional_means(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The profiles z^h = mean_W x (N, C, H) and z^w = mean_H x (N, C, W) of the Global Context Enhancer."""
     if torch.jit.is_scripting():
-        return x.mean(dim=3), x.mean(dim=2)
+        return torch.cat([x.mean(dim=3), x.mean(dim=2)], dim=2)
     return _directional_means_eager(x)
 
 
 @torch.jit.unused
-def _directional_means_eager(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _DirectionalMeans.apply(x)
+def _directional_means_eager(x: torch.Tensor) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    if _is_small_map(x):
+        matrix = _averaging_matrix(height, width, x.dtype, x.device)
+        return torch.mm(x.reshape(batch * channels, height * width), matrix).view(batch, channels, -1)
+    return torch.cat([x.sum(dim=3) / width, x.sum(dim=2) / height], dim=2)
 
 
 class _ApplyGates(torch.autograd.Function):
@@ -56,28 +74,63 @@ class _ApplyGates(torch.autograd.Function):
     The same arithmetic as the two broadcast multiplies, with fewer full-size tensors: on CPU a fresh full-size
     tensor costs about as much as a pass over it (its pages are faulted in on first write), and autograd's version
     allocates two in the forward and five in the backward. Here the forward allocates one (the output, multiplied
-    in place by the second gate) and the backward two, reused for every full-size intermediate.
+    in place by the second gate) and the backward two, reused for every full-size intermediate. On small maps
+    (`_is_small_map`) every full-size tensor is a flat (N * C, H * W) one and the gates are spread over it by GEMMs.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, a_h, a_w)
+        if _is_small_map(x):
+            gate_h, gate_w = _spread_gates(a_h, a_w)
+            return gate_h.mul_(gate_w).mul_(x.view(gate_h.shape)).view(x.shape)
         return torch.mul(x, a_h).mul_(a_w)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, a_h, a_w = ctx.saved_tensors
+        shape = x.shape
         grad_out = grad_out.contiguous()
+        if _is_small_map(x):
+            gate_h, gate_w = _spread_gates(a_h, a_w)
+            grad_out, x = grad_out.view(gate_h.shape), x.view(gate_h.shape)
+            sum_over_rows, sum_over_columns = _flat_sums(a_h.shape, a_w.shape, x.dtype, x.device)
+        else:
+            gate_h, gate_w = a_h, a_w
+            sum_over_rows, sum_over_columns = partial(torch.sum, dim=3, keepdim=True), partial(torch.sum, dim=2, keepdim=True)
         grad_a_h = grad_a_w = buffer = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # d/da_h = sum_w grad * x * a_w and d/da_w = sum_h grad * x * a_h, through one shared product.
             buffer = torch.mul(grad_out, x)
-            scratch = torch.mul(buffer, a_w)
-            grad_a_h = scratch.sum(dim=3, keepdim=True)
-            grad_a_w = torch.mul(buffer, a_h, out=scratch).sum(dim=2, keepdim=True)
-        grad_x = torch.mul(grad_out, a_h, out=buffer).mul_(a_w) if ctx.needs_input_grad[0] else None
+            scratch = torch.mul(buffer, gate_w)
+            grad_a_h = sum_over_rows(scratch)
+            grad_a_w = sum_over_columns(torch.mul(buffer, gate_h, out=scratch))
+        grad_x = torch.mul(grad_out, gate_h, out=buffer).mul_(gate_w).view(shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad_a_h, grad_a_w
+
+
+def _is_small_map(x: torch.Tensor) -> bool:
+    """More than one pixel and at most `_SMALL_MAP_MAX_AREA` (1x1 maps are flat already)."""
+    return 1 < x.shape[2] * x.shape[3] <= _SMALL_MAP_MAX_AREA
+
+
+def _spread_gates(a_h: torch.Tensor, a_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """a_h (N, C, H, 1) and a_w (N, C, 1, W) at every pixel, as two flat (N * C, H * W) tensors (GEMMs)."""
+    batch, channels, height = a_h.shape[:3]
+    width = a_w.shape[3]
+    membership = _pixel_membership(height, width, a_h.dtype, a_h.device)
+    return (torch.mm(a_h.reshape(batch * channels, height), membership[:height]),
+            torch.mm(a_w.reshape(batch * channels, width), membership[height:]))
+
+
+def _flat_sums(shape_h: torch.Size, shape_w: torch.Size, dtype: torch.dtype, device: torch.device):
+    """For flat (N * C, H * W) tensors: the sums over each image row, as (N, C, H, 1), and over each image column,
+    as (N, C, 1, W). GEMMs with the membership matrix: the counterparts of sum(dim=3) and sum(dim=2)."""
+    height, width = shape_h[2], shape_w[3]
+    membership = _pixel_membership(height, width, dtype, device)
+    return (lambda t: torch.mm(t, membership[:height].t()).view(shape_h),
+            lambda t: torch.mm(t, membership[height:].t()).view(shape_w))
 
 
 def apply_gates(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
@@ -141,7 +194,7 @@ class GlobalContextEnhancer(nn.Module):
         batch, channels, height, width = x.shape
         # Both directional profiles side by side, one row per position, so the shared reduction, BN and activation
         # run once for the two directions.
-        z = torch.cat(directional_means(x), dim=2).transpose(1, 2).reshape(-1, channels)
+        z = directional_means(x).transpose(1, 2).reshape(-1, channels)
         y = F.linear(z, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias)
         # BN over the rows as 1x1 maps: statistics over batch and positions, exactly as on the (N, mid, L, 1) map.
         y = self.act(self.bn(y[:, :, None, None])).view(batch, height + width, -1)
