@@ -211,9 +211,9 @@ def test_apply_gates_other_layouts_fall_back():
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 8, 8), (2, 3, 9, 8), (1, 2, 16, 16), (1, 2, 40, 3)])
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(1, 2, 16, 16), (2, 3, 17, 16), (1, 2, 40, 3)])
 def test_directional_means_match_mean(shape):
-    """Both the GEMM path (maps up to 64 pixels) and the reduction path against torch's own mean."""
+    """Both the GEMM path (maps up to 256 pixels) and the reduction path against torch's own mean."""
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     z = directional_means(x)
     torch.testing.assert_close(z, torch.cat([x.mean(dim=3), x.mean(dim=2)], dim=2), rtol=1e-12, atol=1e-12)
