@@ -201,14 +201,18 @@ def test_apply_gates_matches_broadcast_product(shape, needs_grad):
     assert torch.autograd.gradcheck(apply_gates, [t.clone().requires_grad_(r) for t, r in zip(inputs, needs_grad)])
 
 
-def test_apply_gates_other_layouts_fall_back():
-    """Channels-last maps and mixed dtypes give what the plain product gives (same values, dtype and layout)."""
-    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=torch.channels_last)
-    a_h, a_w = torch.rand(2, 8, 5, 1, dtype=torch.float64), torch.rand(2, 8, 1, 6)
-    for args in ((x, a_h.float(), a_w), (x.contiguous(), a_h, a_w)):
-        got, expected = apply_gates(*args), args[0] * args[1] * args[2]
+def test_apply_gates_layouts_and_dtypes_match_plain_product():
+    """Channels-last maps (lean path) and mixed dtypes (plain path) give what the plain product gives: the same
+    values, dtype and layout, and for channels-last the same gradients."""
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    a_h, a_w = torch.rand(2, 8, 5, 1, dtype=torch.float64), torch.rand(2, 8, 1, 6, dtype=torch.float64)
+    for args in ((x, a_h, a_w), (x.float(), a_h.float(), a_w), (x.contiguous(), a_h, a_w.float())):
+        leaves = [t.clone().requires_grad_(True) for t in args]
+        got, expected = apply_gates(*leaves), args[0] * args[1] * args[2]
         assert got.dtype == expected.dtype and got.stride() == expected.stride()
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a_h, a_w)]
+    assert torch.autograd.gradcheck(apply_gates, leaves)
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES + [(1, 2, 16, 16), (2, 3, 17, 16), (1, 2, 40, 3)])

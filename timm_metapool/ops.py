@@ -71,7 +71,7 @@ def _directional_means_eager(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ApplyGates(torch.autograd.Function):
-    """x * a_h * a_w for a contiguous NCHW map and contiguous (N, C, H, 1) / (N, C, 1, W) gates.
+    """x * a_h * a_w for a dense NCHW or channels-last map and contiguous (N, C, H, 1) / (N, C, 1, W) gates.
 
     The same arithmetic as the two broadcast multiplies, with fewer full-size tensors: on CPU a fresh full-size
     tensor costs about as much as a pass over it (its pages are faulted in on first write), and autograd's version
@@ -90,14 +90,16 @@ class _ApplyGates(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, a_h, a_w = ctx.saved_tensors
         shape = x.shape
-        grad_out = grad_out.contiguous()
+        layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        grad_out = grad_out.contiguous(memory_format=layout)
         if _flat_gates(x):
             gate_h, gate_w = _spread_gates(a_h, a_w)
             grad_out, x = grad_out.view(gate_h.shape), x.view(gate_h.shape)
             sum_over_rows, sum_over_columns = _flat_sums(a_h.shape, a_w.shape, x.dtype, x.device)
         else:
             gate_h, gate_w = a_h, a_w
-            sum_over_rows, sum_over_columns = partial(torch.sum, dim=3, keepdim=True), partial(torch.sum, dim=2, keepdim=True)
+            sum_over_rows = partial(torch.sum, dim=3, keepdim=True)
+            sum_over_columns = partial(torch.sum, dim=2, keepdim=True)
         grad_a_h = grad_a_w = buffer = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # d/da_h = sum_w grad * x * a_w and d/da_w = sum_h grad * x * a_h, through one shared product.
@@ -118,8 +120,8 @@ def _gated(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tenso
 
 
 def _flat_gates(x: torch.Tensor) -> bool:
-    """Whether the gate product runs flat: more than one pixel (1x1 maps are flat already), at most 8x8."""
-    return 1 < x.shape[2] * x.shape[3] <= _FLAT_GATES_MAX_AREA
+    """Whether the gate product runs flat: NCHW, more than one pixel (1x1 maps are flat already), at most 8x8."""
+    return 1 < x.shape[2] * x.shape[3] <= _FLAT_GATES_MAX_AREA and x.is_contiguous()
 
 
 def _spread_gates(a_h: torch.Tensor, a_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +145,8 @@ def _flat_sums(shape_h: torch.Size, shape_w: torch.Size, dtype: torch.dtype, dev
 def apply_gates(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
     """x * a_h * a_w for gates a_h (N, C, H, 1) and a_w (N, C, 1, W) (the Global Context Enhancer's output).
 
-    Contiguous NCHW inputs of one dtype take the lean `_ApplyGates`; other layouts (channels-last), mixed dtypes
-    and TorchScript take the plain product.
+    Dense NCHW or channels-last maps with gates of the same dtype take the lean `_ApplyGates` (its output keeps x's
+    layout); other layouts, mixed dtypes and TorchScript take the plain product.
     """
     if torch.jit.is_scripting():
         return x * a_h * a_w
@@ -153,7 +155,8 @@ def apply_gates(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.
 
 @torch.jit.unused
 def _apply_gates_eager(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
-    lean = (x.dtype == a_h.dtype == a_w.dtype and x.is_contiguous() and a_h.is_contiguous() and a_w.is_contiguous()
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    lean = (dense and x.dtype == a_h.dtype == a_w.dtype and a_h.is_contiguous() and a_w.is_contiguous()
             and a_h.shape == x.shape[:3] + (1,) and a_w.shape == x.shape[:2] + (1, x.shape[3]))
     if not lean:
         return x * a_h * a_w
