@@ -16,7 +16,7 @@ from timm.utils.model import reparameterize_model
 
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
-from timm_metapool.mixed_op import MetaPooling, _SharedDepthwiseConv, linear_pool_basis
+from timm_metapool.mixed_op import MetaPooling, _SharedDepthwiseConv, _dot, linear_pool_basis
 from timm_metapool.ops import OP_NAMES, GlobalContextEnhancer, apply_gates, directional_means, pool_kernel_size
 
 SMALL_SHAPES = [(2, 8, 9, 7), (3, 5, 1, 1), (2, 6, 2, 3), (1, 4, 5, 1)]
@@ -80,6 +80,19 @@ def test_shared_depthwise_conv_gradcheck(shape):
     assert x.grad is not None and kernel.grad is None
 
 
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_chunked_dot_is_accurate(layout):
+    """The max chain's weight gradients: a float32 dot over the (16, 96, 112, 112) map of the speed target, with
+    the all-ones cotangent of `out.sum()`, against float64 (a single BLAS dot is off by ~3e-5 here)."""
+    shape = (16, 96, 112, 112)
+    a = torch.ones(shape).contiguous(memory_format=layout)
+    b = F.max_pool2d(distinct_input(shape), 3, stride=1, padding=1).contiguous(memory_format=layout)
+    expected = (a.double() * b.double()).sum()
+    assert abs(float(_dot(a, b)) - float(expected)) <= 1e-6 * abs(float(expected))
+    small = distinct_input((3, 5, 7, 2), dtype=torch.float64)  # fewer elements than one chunk
+    torch.testing.assert_close(_dot(small, small), (small * small).sum(), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize('shape', SMALL_SHAPES)
 def test_max_chain_matches_max_pool(shape):
     x = distinct_input(shape, dtype=torch.float64)
@@ -116,6 +129,35 @@ def test_fused_matches_plain_subsets():
         plain = outputs_and_grads(mp, mp.forward_plain, x)
         for a, b in zip(fast, plain):
             assert rel_err(a, b) <= 1e-12, names
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 9, 7), (2, 6, 3, 3)])
+@pytest.mark.parametrize('needs', ['x_only', 'alpha_only'])
+def test_fused_matches_plain_partial_grads(shape, needs):
+    """PMPL's weight pass (alpha frozen: only x needs a gradient) and an alpha-only pass take their own branches
+    in the fused backward; both against autograd through the plain sum."""
+    torch.manual_seed(0)
+    mp = make_mixed(shape[1], dtype=torch.float64)
+    mp.arch_alpha.requires_grad_(needs == 'alpha_only')
+    x = distinct_input(shape, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for forward in (mp.forward, mp.forward_plain):
+        xi = x.clone().requires_grad_(needs == 'x_only')
+        mp.arch_alpha.grad = None
+        out = forward(xi)
+        (out * g).sum().backward()
+        results.append((out.detach(), xi.grad if needs == 'x_only' else mp.arch_alpha.grad))
+    for got, expected in zip(*results):
+        assert rel_err(got, expected) <= 1e-12
+
+
+def test_fused_channels_last_input_matches_plain():
+    """A channels-last input (timm's --channels-last) gives the plain sum's outputs and gradients."""
+    mp = make_mixed(6, dtype=torch.float64)
+    x = distinct_input((2, 6, 8, 7), dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    for fast, plain in zip(outputs_and_grads(mp, mp.forward, x), outputs_and_grads(mp, mp.forward_plain, x)):
+        assert rel_err(fast, plain) <= 1e-12
 
 
 @pytest.mark.parametrize('shape', [(128, 96, 16, 16), (16, 96, 112, 112)])
