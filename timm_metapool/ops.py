@@ -3,8 +3,7 @@
 `skip` is "no enhancer"; `max{3,5,7}` / `avg{3,5,7}` are the Local Context Enhancers (stride-1 pooling, same
 output size); `global` is the Global Context Enhancer (spatial separable pooling, Coordinate-Attention structure).
 """
-import functools
-from functools import partial
+from functools import lru_cache, partial
 from typing import Optional, Tuple, Type
 
 import torch
@@ -12,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    'OP_NAMES', 'LOCAL_OP_NAMES', 'GlobalContextEnhancer', 'apply_gates', 'create_op', 'op_name_of',
-    'pool_kernel_size',
+    'OP_NAMES', 'LOCAL_OP_NAMES', 'GlobalContextEnhancer', 'apply_gates', 'create_op', 'directional_means',
+    'op_name_of', 'pool_kernel_size',
 ]
 
 # Canonical order: architecture logits, genotypes and saved files all index candidates by this order.
@@ -29,7 +28,7 @@ _GEMM_MEANS_MAX_AREA = 256
 _FLAT_GATES_MAX_AREA = 64
 
 
-@functools.lru_cache(maxsize=64)
+@lru_cache(maxsize=64)
 @torch.inference_mode(False)  # cached across calls: a first call under inference mode must not make it unsavable
 def _pixel_membership(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(H + W, H * W) 0/1 matrix: row h < H marks the pixels of image row h, row H + w those of image column w."""
@@ -40,7 +39,7 @@ def _pixel_membership(height: int, width: int, dtype: torch.dtype, device: torch
     return membership
 
 
-@functools.lru_cache(maxsize=64)
+@lru_cache(maxsize=64)
 @torch.inference_mode(False)
 def _averaging_matrix(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(H * W, H + W) matrix M such that x.view(-1, H * W) @ M is [mean over W | mean over H] of each plane."""
