@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, pool_kernel_size
+from .ops import OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, layout_of, pool_kernel_size
 
 __all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
 
@@ -87,7 +87,7 @@ class _SharedDepthwiseConv(torch.autograd.Function):
             grad_kernel = grad_weight.sum(dim=(0, 1))
         elif ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad_out.contiguous(memory_format=_layout_of(x)), x, weight, None, *conv_args,
+                grad_out.contiguous(memory_format=layout_of(x)), x, weight, None, *conv_args,
                 [True, False, False])[0]
         return grad_x, grad_kernel
 
@@ -97,11 +97,6 @@ def _local_layout(x: torch.Tensor) -> torch.Tensor:
     channels only in that layout (in NCHW it and its backward measured 3x to 10x slower) and oneDNN's depthwise conv
     and its backward are about 2x faster; unchanged elsewhere."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == 'cpu' else x
-
-
-def _layout_of(t: torch.Tensor) -> torch.memory_format:
-    """The memory format a dense 4-D tensor is stored in (NCHW where both apply: then they are the same order)."""
-    return torch.contiguous_format if t.is_contiguous() else torch.channels_last
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -125,6 +120,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
 class _WeightedMaxChain(torch.autograd.Function):
     """out += sum_j weights[chain[j]] * max3^(j+1)(x), in place: max3, max5 = max3(max3), max7 = max3(max5).
 
+    Runs in x's layout (MetaPooling passes it in `_local_layout`); the backward follows that layout.
+
     `chain[j]` is the index in `weights` of the level-j candidate, or None where that size is not a candidate (its
     pool still runs, as a step to the larger ones). Autograd through the pools and accumulations would materialise
     the gradient of every term (grad * weight) and of every weight (grad * pooled, then summed), and convert the
@@ -135,7 +132,7 @@ class _WeightedMaxChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
                 chain: Tuple[Optional[int], ...]) -> torch.Tensor:
-        levels, indices = [_local_layout(x)], []
+        levels, indices = [x], []
         for i in chain:
             pooled, index = F.max_pool2d(levels[-1], kernel_size=3, stride=1, padding=1, return_indices=True)
             levels.append(pooled)
@@ -155,7 +152,7 @@ class _WeightedMaxChain(torch.autograd.Function):
         weights, *saved = ctx.saved_tensors
         depth = len(ctx.chain)
         levels, indices = saved[:depth + 1], saved[depth + 1:]
-        grad = grad_out.contiguous(memory_format=_layout_of(levels[0]))
+        grad = grad_out.contiguous(memory_format=layout_of(levels[0]))
         grad_weights = torch.zeros_like(weights) if ctx.needs_input_grad[2] else None
         level_grad = None  # gradient w.r.t. the output of the current level's pool
         for j in reversed(range(depth)):

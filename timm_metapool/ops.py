@@ -89,8 +89,7 @@ class _ApplyGates(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, a_h, a_w = ctx.saved_tensors
         shape = x.shape
-        layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-        grad_out = grad_out.contiguous(memory_format=layout)
+        grad_out = grad_out.contiguous(memory_format=layout_of(x))
         if _flat_gates(x):
             gate_h, gate_w = _spread_gates(a_h, a_w)
             grad_out, x = grad_out.view(gate_h.shape), x.view(gate_h.shape)
@@ -108,6 +107,11 @@ class _ApplyGates(torch.autograd.Function):
             grad_a_w = sum_over_columns(torch.mul(buffer, gate_h, out=scratch))
         grad_x = torch.mul(grad_out, gate_h, out=buffer).mul_(gate_w).view(shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad_a_h, grad_a_w
+
+
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format a dense 4-D tensor is stored in (NCHW where both apply: then they are the same order)."""
+    return torch.contiguous_format if t.is_contiguous() else torch.channels_last
 
 
 def _gated(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
