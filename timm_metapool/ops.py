@@ -56,12 +56,18 @@ def directional_means(x: torch.Tensor) -> torch.Tensor:
     `mean` first materialises a full-size tensor.
     """
     if torch.jit.is_scripting():
-        return torch.cat([x.mean(dim=3), x.mean(dim=2)], dim=2)
+        return _plain_directional_means(x)
     return _directional_means_eager(x)
+
+
+def _plain_directional_means(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.mean(dim=3), x.mean(dim=2)], dim=2)
 
 
 @torch.jit.unused
 def _directional_means_eager(x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _plain_directional_means(x)  # the compiler fuses the plain definition; the GEMMs are opaque to it
     batch, channels, height, width = x.shape
     if height * width <= _GEMM_MEANS_MAX_AREA:
         matrix = _averaging_matrix(height, width, x.dtype, x.device)
@@ -149,7 +155,7 @@ def apply_gates(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.
     """x * a_h * a_w for gates a_h (N, C, H, 1) and a_w (N, C, 1, W) (the Global Context Enhancer's output).
 
     Dense NCHW or channels-last maps with gates of the same dtype take the lean `_ApplyGates` (its output keeps x's
-    layout); other layouts, mixed dtypes and TorchScript take the plain product.
+    layout); other layouts, mixed dtypes, TorchScript and torch.compile take the plain product.
     """
     if torch.jit.is_scripting():
         return x * a_h * a_w
@@ -158,6 +164,8 @@ def apply_gates(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.
 
 @torch.jit.unused
 def _apply_gates_eager(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return x * a_h * a_w  # fused into one pass (forward and backward) by the compiler
     dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
     lean = (dense and x.dtype == a_h.dtype == a_w.dtype and a_h.is_contiguous() and a_w.is_contiguous()
             and a_h.shape == x.shape[:3] + (1,) and a_w.shape == x.shape[:2] + (1, x.shape[3]))
@@ -204,25 +212,31 @@ class GlobalContextEnhancer(nn.Module):
     def gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two sigmoid gates: a_h as (N, C, H, 1) and a_w as (N, C, 1, W).
 
-        The point-wise maps run as GEMMs over the H + W profile positions rather than as 1x1 convs on (N, C, L, 1)
-        columns: the same arithmetic, but conv kernels (and especially their backward) carry a large fixed cost at
-        these tiny spatial sizes, which dominated the enhancer's run time in small-input training.
+        The point-wise convs run as batched GEMMs on the (N, channels, H + W) profiles rather than as 1x1 convs on
+        (N, C, L, 1) columns: the same arithmetic, but conv kernels (and especially their backward) carry a large
+        fixed cost at these tiny spatial sizes. Channels stay in dim 1 throughout, so the gates come out in the
+        layout the product needs and no transposed copies are made.
         """
-        batch, channels, height, width = x.shape
-        # Both directional profiles side by side, one row per position, so the shared reduction, BN and activation
-        # run once for the two directions.
-        z = directional_means(x).transpose(1, 2).reshape(-1, channels)
-        y = F.linear(z, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias)
-        # BN over the rows as 1x1 maps: statistics over batch and positions, exactly as on the (N, mid, L, 1) map.
-        y = self.act(self.bn(y[:, :, None, None])).view(batch, height + width, -1)
-        a_h = F.linear(y[:, :height], self.conv_h.weight.flatten(1), self.conv_h.bias).sigmoid()
-        a_w = F.linear(y[:, height:], self.conv_w.weight.flatten(1), self.conv_w.bias).sigmoid()
-        # Contiguous gates (a small copy): broadcasting a strided gate over the full map is up to 2x slower on CPU.
-        return a_h.transpose(1, 2).contiguous().unsqueeze(3), a_w.transpose(1, 2).contiguous().unsqueeze(2)
+        height = x.shape[2]
+        # Both directional profiles side by side, so the shared reduction, BN and activation run once for both.
+        y = _pointwise(directional_means(x), self.conv_reduce.weight, self.conv_reduce.bias)
+        # BN on the profiles as (N, mid, H + W, 1) maps: statistics over batch and positions, as on the conv's output.
+        y = self.act(self.bn(y.unsqueeze(3))).squeeze(3)
+        a_h = _pointwise(y[:, :, :height], self.conv_h.weight, self.conv_h.bias).sigmoid()
+        a_w = _pointwise(y[:, :, height:], self.conv_w.weight, self.conv_w.bias).sigmoid()
+        return a_h.unsqueeze(3), a_w.unsqueeze(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_h, a_w = self.gates(x)
         return apply_gates(x, a_h, a_w)
+
+
+def _pointwise(profiles: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 conv's (weight, bias) applied to (N, C_in, L) profiles: one batched GEMM, (N, C_out, L)."""
+    weight = weight.flatten(1).expand(profiles.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(weight, profiles)
+    return torch.baddbmm(bias.view(1, -1, 1), weight, profiles)
 
 
 def pool_kernel_size(op_name: str) -> int:
