@@ -218,11 +218,12 @@ def test_global_enhancer_matches_conv_reference(shape, train):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 8, 8), (2, 3, 9, 8)])
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 8, 8), (2, 3, 9, 8), (2, 3, 16, 16), (2, 3, 17, 16),
+                                   (1, 2, 40, 7)])
 @pytest.mark.parametrize('needs_grad', [(True, True, True), (True, False, False), (False, True, True)])
 def test_apply_gates_matches_broadcast_product(shape, needs_grad):
-    """The lean gate product (flat GEMM path up to 64 pixels, broadcast path above) against autograd through
-    x * a_h * a_w, for each subset of inputs needing grads."""
+    """The lean gate product (flat GEMM path up to 64 pixels, broadcast path up to 256, batched mat-vec gradients
+    above) against autograd through x * a_h * a_w, for each subset of inputs needing grads."""
     n, c, h, w = shape
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, generator=gen, dtype=torch.float64),
@@ -325,3 +326,30 @@ def test_reparameterize_leaves_open_and_non_avg_slots():
     x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
         assert rel_err(deployed(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 5, 6), (2, 8, 20, 18)])
+def test_global_enhancer_under_torch_compile_matches_eager(shape):
+    """Under torch.compile the enhancer hands the compiler its plain definitions (mean, broadcast product: no GEMM
+    with a 0/1 matrix, no custom autograd Function, no graph break) and gives the eager fast paths' values and
+    gradients. The recording backend runs the captured graph eagerly, so no C++ toolchain is needed."""
+    torch.manual_seed(0)
+    gce = GlobalContextEnhancer(shape[1]).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    captured = []
+
+    def recording_backend(graph_module, example_inputs):
+        captured.extend(node.target for node in graph_module.graph.nodes if node.op in ('call_function', 'call_method'))
+        return graph_module.forward
+
+    results = []
+    for forward in (gce, torch.compile(gce, backend=recording_backend, fullgraph=True)):
+        gce.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = forward(xi)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in gce.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    names = [getattr(target, '__name__', str(target)) for target in captured]
+    assert 'mean' in names and 'mm' not in names and not any('apply' in name for name in names), names
