@@ -7,6 +7,7 @@ gets GPU columns (cuda synchronize around each timed call, peak memory from torc
 
     python benchmarks/bench_speed.py            # full run
     python benchmarks/bench_speed.py --quick    # 2 rounds instead of 5, no plain-Eq. 1 supernet rows
+    python benchmarks/bench_speed.py --compile  # plus target 3 with both networks under torch.compile
 """
 import argparse
 import json
@@ -214,6 +215,24 @@ def bench_inference(rows: Dict[str, Row], dev: str, device: torch.device, rounds
     rows['deploy_err'].values[dev] = err
 
 
+def bench_compiled(rows: Dict[str, Row], dev: str, device: torch.device, rounds: int) -> None:
+    """Target 3 with both networks under `torch.compile` (inductor; on CPU it needs a C++ compiler). The enhancer
+    then hands the compiler its plain definitions, whose means and gate product it fuses into few kernels."""
+    for res, batch in TRAIN_SETTINGS:
+        x = torch.randn(batch, 3, res, res, device=device)
+        times = time_interleaved({  # the warm-up call of each compiles it
+            'base': train_step(torch.compile(create(BASELINE, device)), x),
+            'global': train_step(torch.compile(create(METAPOOL, device, genotype='global')), x),
+        }, rounds, device)
+        rows[f'global_compiled_{res}'].values[dev] = median_ratio(times, 'global', 'base')
+    x = torch.randn(1, 3, 224, 224, device=device)
+    times = time_interleaved({
+        'base': infer_step(torch.compile(create(BASELINE, device).eval()), x),
+        'global': infer_step(torch.compile(create(METAPOOL, device, genotype='global').eval()), x),
+    }, rounds * 10, device)
+    rows['infer_global_compiled'].values[dev] = median_ratio(times, 'global', 'base')
+
+
 def bench_search_iteration(rows: Dict[str, Row], dev: str, device: torch.device, rounds: int) -> None:
     """Target 5: a PMPL iteration once every slot is fixed vs the fixed model's two-pass iteration (32 px, 128)."""
     x = torch.randn(128, 3, 32, 32, device=device)
@@ -329,6 +348,12 @@ def build_rows() -> Dict[str, Row]:
         rows[f'base_cl_{res}'] = Row(f'   (baseline NCHW / baseline channels-last, fwd+bwd {res}px b{batch})')
     rows['infer_global'] = Row('3. all-global inference 224px b1 / baseline', '<= 1.15x', at_most(1.15))
     rows['infer_vs_ca'] = Row('3. all-global inference 224px b1 / timm CoordAttn', '<= 1.0x', at_most(1.0))
+    rows['global_compiled_32'] = Row('3. all-global fwd+bwd 32px b128 / baseline, both torch.compile', '<= 1.3x',
+                                     at_most(1.3))
+    rows['global_compiled_224'] = Row('3. all-global fwd+bwd 224px b16 / baseline, both torch.compile', '<= 1.15x',
+                                      at_most(1.15))
+    rows['infer_global_compiled'] = Row('3. all-global inference 224px b1 / baseline, both torch.compile',
+                                        '<= 1.15x', at_most(1.15))
     rows['deploy_before'] = Row('4. all-avg3 inference 224px b1, as trained (ms)', fmt='{:.1f}')
     rows['deploy_after'] = Row('4. all-avg3 inference 224px b1, reparameterized (ms)', fmt='{:.1f}')
     rows['deploy_ratio'] = Row('4. all-avg3 before / after reparameterize_model', '> 1x', at_least(1.0))
@@ -363,6 +388,8 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='2 rounds, skip the plain-sum supernet rows')
     parser.add_argument('--rounds', type=int, default=None, help='timed rounds per comparison (default 5, quick 2)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    parser.add_argument('--compile', action='store_true',
+                        help='add the target-3 rows with both networks under torch.compile (minutes of compiling)')
     parser.add_argument('--peak-memory-child', nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -385,6 +412,7 @@ def main() -> None:
         for stage in (lambda: bench_mixed_op(rows, dev, device, rounds),
                       lambda: bench_models(rows, dev, device, rounds, args.quick),
                       lambda: bench_inference(rows, dev, device, rounds),
+                      lambda: bench_compiled(rows, dev, device, rounds) if args.compile else None,
                       lambda: bench_search_iteration(rows, dev, device, rounds),
                       lambda: bench_peak_memory(rows, dev, device)):
             start = time.perf_counter()
