@@ -99,9 +99,8 @@ class _ApplyGates(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, a_h, a_w = ctx.saved_tensors
         shape = x.shape
+        by_planes = _gate_grads_by_planes(x)
         grad_out = grad_out.contiguous(memory_format=layout_of(x))
-        if x.shape[2] * x.shape[3] > _PLANE_GEMV_MIN_AREA and x.is_contiguous():
-            return _large_plane_grads(ctx.needs_input_grad, grad_out, x, a_h, a_w)
         if _flat_gates(x):
             gate_h, gate_w = _spread_gates(a_h, a_w)
             grad_out, x = grad_out.view(gate_h.shape), x.view(gate_h.shape)
@@ -114,31 +113,23 @@ class _ApplyGates(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # d/da_h = sum_w grad * x * a_w and d/da_w = sum_h grad * x * a_h, through one shared product.
             buffer = torch.mul(grad_out, x)
-            scratch = torch.mul(buffer, gate_w)
-            grad_a_h = sum_over_rows(scratch)
-            grad_a_w = sum_over_columns(torch.mul(buffer, gate_h, out=scratch))
+            if by_planes:
+                # With P = grad * x as (N * C) planes of H x W: d/da_h = P @ a_w, d/da_w = a_h^T @ P.
+                planes = buffer.view(-1, shape[2], shape[3])
+                grad_a_h = torch.bmm(planes, a_w.view(-1, shape[3], 1)).view(a_h.shape)
+                grad_a_w = torch.bmm(a_h.view(-1, 1, shape[2]), planes).view(a_w.shape)
+            else:
+                scratch = torch.mul(buffer, gate_w)
+                grad_a_h = sum_over_rows(scratch)
+                grad_a_w = sum_over_columns(torch.mul(buffer, gate_h, out=scratch))
         grad_x = torch.mul(grad_out, gate_h, out=buffer).mul_(gate_w).view(shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad_a_h, grad_a_w
 
 
-def _large_plane_grads(
-        needs_input_grad: Tuple[bool, ...],
-        grad_out: torch.Tensor,
-        x: torch.Tensor,
-        a_h: torch.Tensor,
-        a_w: torch.Tensor,
-) -> Tuple[Optional[torch.Tensor], ...]:
-    """`_ApplyGates`' backward for NCHW maps above `_PLANE_GEMV_MIN_AREA` pixels: with P = grad * x viewed as
-    (N * C) planes of H x W, d/da_h = P @ a_w and d/da_w = a_h^T @ P, one batched GEMM each."""
-    height, width = x.shape[2:]
-    grad_a_h = grad_a_w = buffer = None
-    if needs_input_grad[1] or needs_input_grad[2]:
-        buffer = torch.mul(grad_out, x)
-        planes = buffer.view(-1, height, width)
-        grad_a_h = torch.bmm(planes, a_w.view(-1, width, 1)).view(a_h.shape)
-        grad_a_w = torch.bmm(a_h.view(-1, 1, height), planes).view(a_w.shape)
-    grad_x = torch.mul(grad_out, a_h, out=buffer).mul_(a_w) if needs_input_grad[0] else None
-    return grad_x, grad_a_h, grad_a_w
+def _gate_grads_by_planes(x: torch.Tensor) -> bool:
+    """Whether `_ApplyGates`' backward takes the gates' gradients as batched mat-vec products over the (H, W)
+    planes: NCHW maps above `_PLANE_GEMV_MIN_AREA` pixels."""
+    return x.shape[2] * x.shape[3] > _PLANE_GEMV_MIN_AREA and x.is_contiguous()
 
 
 def layout_of(t: torch.Tensor) -> torch.memory_format:
