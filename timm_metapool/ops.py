@@ -101,18 +101,21 @@ class _ApplyGates(torch.autograd.Function):
         shape = x.shape
         by_planes = _gate_grads_by_planes(x)
         grad_out = grad_out.contiguous(memory_format=layout_of(x))
+        # x's gradient is returned as this base tensor, never as a view of it: autograd then adds x's gradients from
+        # its other uses (the enhancer's means) into it in place, not into a fresh full-size tensor.
+        grad_x = torch.empty_like(grad_out)
         if _flat_gates(x):
             gate_h, gate_w = _spread_gates(a_h, a_w)
-            grad_out, x = grad_out.view(gate_h.shape), x.view(gate_h.shape)
+            grad_out, x, buffer = grad_out.view(gate_h.shape), x.view(gate_h.shape), grad_x.view(gate_h.shape)
             sum_over_rows, sum_over_columns = _flat_sums(a_h.shape, a_w.shape, x.dtype, x.device)
         else:
-            gate_h, gate_w = a_h, a_w
+            gate_h, gate_w, buffer = a_h, a_w, grad_x
             sum_over_rows = partial(torch.sum, dim=3, keepdim=True)
             sum_over_columns = partial(torch.sum, dim=2, keepdim=True)
-        grad_a_h = grad_a_w = buffer = None
+        grad_a_h = grad_a_w = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # d/da_h = sum_w grad * x * a_w and d/da_w = sum_h grad * x * a_h, through one shared product.
-            buffer = torch.mul(grad_out, x)
+            torch.mul(grad_out, x, out=buffer)
             if by_planes:
                 # With P = grad * x as (N * C) planes of H x W: d/da_h = P @ a_w, d/da_w = a_h^T @ P.
                 planes = buffer.view(-1, shape[2], shape[3])
@@ -122,7 +125,10 @@ class _ApplyGates(torch.autograd.Function):
                 scratch = torch.mul(buffer, gate_w)
                 grad_a_h = sum_over_rows(scratch)
                 grad_a_w = sum_over_columns(torch.mul(buffer, gate_h, out=scratch))
-        grad_x = torch.mul(grad_out, gate_h, out=buffer).mul_(gate_w).view(shape) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0]:
+            torch.mul(grad_out, gate_h, out=buffer).mul_(gate_w)
+        else:
+            grad_x = None
         return grad_x, grad_a_h, grad_a_w
 
 
