@@ -16,9 +16,8 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from statistics import median
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -29,9 +28,9 @@ from timm.layers.coord_attn import CoordAttn
 from timm.utils.model import reparameterize_model
 
 import timm_metapool  # noqa: F401  (registers the models)
-from timm_metapool import ops
 from timm_metapool.deploy import enable_deploy_rewrite
 from timm_metapool.mixed_op import MetaPooling
+from timm_metapool.ops import GlobalContextEnhancer
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
 
 BASELINE = 'mobilenetv2_100'
@@ -103,10 +102,11 @@ def create(name: str, device: torch.device, **kwargs) -> nn.Module:
     return timm.create_model(name, **kwargs).to(device)
 
 
-def use_plain_mixed_op(model: nn.Module) -> nn.Module:
-    """Route every open MetaPooling through the literal Eq. 1 sum (the pre-fusion implementation)."""
+def use_plain_forward(model: nn.Module, module_type: Type[nn.Module]) -> nn.Module:
+    """Route every `module_type` in `model` through its `forward_plain`: the literal Eq. 1 sum for MetaPooling (the
+    pre-fusion implementation), Sec. 2.1 without the GEMM fast paths for the Global Context Enhancer."""
     for m in model.modules():
-        if isinstance(m, MetaPooling):
+        if isinstance(m, module_type):
             m.forward = m.forward_plain
     return model
 
@@ -179,7 +179,7 @@ def bench_models(rows: Dict[str, Row], dev: str, device: torch.device, rounds: i
                 create(METAPOOL, device, genotype='global').to(memory_format=torch.channels_last), x_cl),
         }
         if not quick:
-            fns['supernet_plain'] = train_step(use_plain_mixed_op(create(METAPOOL, device)), x)
+            fns['supernet_plain'] = train_step(use_plain_forward(create(METAPOOL, device), MetaPooling), x)
         times = time_interleaved(fns, rounds, device)
         rows[f'super_{res}'].values[dev] = median_ratio(times, 'supernet', 'base')
         rows[f'super_frozen_{res}'].values[dev] = median_ratio(times, 'supernet_frozen', 'base')
@@ -265,7 +265,7 @@ def peak_memory_child(variant: str, res: int, batch: int, device_name: str) -> f
     device = torch.device(device_name)
     model = create(METAPOOL, device)
     if variant == 'plain':
-        use_plain_mixed_op(model)
+        use_plain_forward(model, MetaPooling)
     x = torch.randn(batch, 3, res, res, device=device)
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -300,26 +300,16 @@ def bench_peak_memory(rows: Dict[str, Row], dev: str, device: torch.device) -> N
         rows[f'mem_plain_{res}'].values[dev] = peaks['plain']
 
 
-@contextmanager
-def without_small_map_gemms():
-    """Switch off the Global Context Enhancer's small-map GEMMs: their constant 0/1 matrices implement means and
-    broadcasts (`timm_metapool.ops`), and the flop counter would count them as if they were model arithmetic."""
-    saved = ops._GEMM_MEANS_MAX_AREA, ops._FLAT_GATES_MAX_AREA
-    ops._GEMM_MEANS_MAX_AREA = ops._FLAT_GATES_MAX_AREA = 0
-    try:
-        yield
-    finally:
-        ops._GEMM_MEANS_MAX_AREA, ops._FLAT_GATES_MAX_AREA = saved
-
-
 def size_rows(rows: Dict[str, Row]) -> None:
     """Params and MACs (torch's flop counter: convs and matmuls; MACs = FLOPs / 2) at 224 px."""
     x = torch.randn(1, 3, 224, 224)
     for key, model in (('base', create(BASELINE, torch.device('cpu'))),
                        ('global', create(METAPOOL, torch.device('cpu'), genotype='global'))):
-        model.eval()
+        # Without the enhancer's fast paths: their GEMMs with constant 0/1 matrices are means and broadcasts, which
+        # the flop counter would count as model arithmetic.
+        use_plain_forward(model.eval(), GlobalContextEnhancer)
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad(), without_small_map_gemms():
+        with counter, torch.no_grad():
             model(x)
         rows[f'params_{key}'].values['cpu'] = sum(p.numel() for p in model.parameters()) / 1e6
         rows[f'macs_{key}'].values['cpu'] = counter.get_total_flops() / 2 / 1e6

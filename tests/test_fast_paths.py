@@ -207,15 +207,19 @@ def test_global_enhancer_matches_conv_reference(shape, train):
     ref = GlobalContextEnhancer(shape[1]).double().train(train)
     ref.load_state_dict(gce.state_dict())
     x = torch.randn(shape, dtype=torch.float64)
+    plain = GlobalContextEnhancer(shape[1]).double().train(train)
+    plain.load_state_dict(gce.state_dict())
     results = []
-    for module, forward in ((gce, gce), (ref, lambda t: _coord_attention_reference(ref, t))):
+    for module, forward in ((gce, gce), (plain, plain.forward_plain),
+                            (ref, lambda t: _coord_attention_reference(ref, t))):
         xi = x.clone().requires_grad_(True)
         out = forward(xi)
         out.pow(2).sum().backward()
         results.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()]
                        + [module.bn.running_mean.clone(), module.bn.running_var.clone()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for fast, plain, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(plain, reference, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 8, 8), (2, 3, 9, 8), (2, 3, 16, 16), (2, 3, 17, 16),

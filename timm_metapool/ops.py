@@ -233,19 +233,23 @@ class GlobalContextEnhancer(nn.Module):
         self.conv_w = nn.Conv2d(mid_channels, channels, kernel_size=1, bias=True, **dd)
 
     def gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The two sigmoid gates: a_h as (N, C, H, 1) and a_w as (N, C, 1, W).
+        """The two sigmoid gates: a_h as (N, C, H, 1) and a_w as (N, C, 1, W)."""
+        return self._gates_of_profiles(directional_means(x), x.shape[2])
+
+    def _gates_of_profiles(self, z: torch.Tensor, height: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The gates from the directional profiles z = [z^h | z^w], (N, C, H + W).
 
         The point-wise maps run as GEMMs over the H + W profile positions rather than as 1x1 convs on (N, C, L, 1)
         columns: the same arithmetic, but conv kernels (and especially their backward) carry a large fixed cost at
         these tiny spatial sizes, which dominated the enhancer's run time in small-input training.
         """
-        batch, channels, height, width = x.shape
+        batch, channels, length = z.shape
         # Both directional profiles side by side, one row per position, so the shared reduction, BN and activation
         # run once for the two directions.
-        z = directional_means(x).transpose(1, 2).reshape(-1, channels)
+        z = z.transpose(1, 2).reshape(-1, channels)
         y = F.linear(z, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias)
         # BN over the rows as 1x1 maps: statistics over batch and positions, exactly as on the (N, mid, L, 1) map.
-        y = self.act(self.bn(y[:, :, None, None])).view(batch, height + width, -1)
+        y = self.act(self.bn(y[:, :, None, None])).view(batch, length, -1)
         a_h = F.linear(y[:, :height], self.conv_h.weight.flatten(1), self.conv_h.bias).sigmoid()
         a_w = F.linear(y[:, height:], self.conv_w.weight.flatten(1), self.conv_w.bias).sigmoid()
         # Contiguous gates (a small copy): broadcasting a strided gate over the full map is up to 2x slower on CPU.
@@ -254,6 +258,15 @@ class GlobalContextEnhancer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_h, a_w = self.gates(x)
         return apply_gates(x, a_h, a_w)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """Sec. 2.1 as written, without the fast paths: means by `mean`, the output by broadcast products.
+
+        The same outputs and gradients as `forward` up to float rounding, and what a flop counter should see: the
+        fast paths' GEMMs with constant 0/1 matrices (`directional_means`, `apply_gates`) are not model arithmetic.
+        """
+        a_h, a_w = self._gates_of_profiles(_plain_directional_means(x), x.shape[2])
+        return x * a_h * a_w
 
 
 def pool_kernel_size(op_name: str) -> int:
