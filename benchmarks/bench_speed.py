@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from statistics import median
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,7 +30,6 @@ from timm.utils.model import reparameterize_model
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import enable_deploy_rewrite
 from timm_metapool.mixed_op import MetaPooling
-from timm_metapool.ops import GlobalContextEnhancer
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
 
 BASELINE = 'mobilenetv2_100'
@@ -102,11 +101,12 @@ def create(name: str, device: torch.device, **kwargs) -> nn.Module:
     return timm.create_model(name, **kwargs).to(device)
 
 
-def use_plain_forward(model: nn.Module, module_type: Type[nn.Module]) -> nn.Module:
-    """Route every `module_type` in `model` through its `forward_plain`: the literal Eq. 1 sum for MetaPooling (the
-    pre-fusion implementation), Sec. 2.1 without the GEMM fast paths for the Global Context Enhancer."""
+def use_plain_forward(model: nn.Module) -> nn.Module:
+    """Route every module that has a `forward_plain` through it: the literal Eq. 1 sum of MetaPooling, PyTorch's own
+    pooling for fixed `maxK` / `avgK` slots, Sec. 2.1 without the GEMM fast paths for the Global Context Enhancer.
+    This is the straightforward implementation the fast paths are measured against."""
     for m in model.modules():
-        if isinstance(m, module_type):
+        if hasattr(m, 'forward_plain'):
             m.forward = m.forward_plain
     return model
 
@@ -179,7 +179,7 @@ def bench_models(rows: Dict[str, Row], dev: str, device: torch.device, rounds: i
                 create(METAPOOL, device, genotype='global').to(memory_format=torch.channels_last), x_cl),
         }
         if not quick:
-            fns['supernet_plain'] = train_step(use_plain_forward(create(METAPOOL, device), MetaPooling), x)
+            fns['supernet_plain'] = train_step(use_plain_forward(create(METAPOOL, device)), x)
         times = time_interleaved(fns, rounds, device)
         rows[f'super_{res}'].values[dev] = median_ratio(times, 'supernet', 'base')
         rows[f'super_frozen_{res}'].values[dev] = median_ratio(times, 'supernet_frozen', 'base')
@@ -265,7 +265,7 @@ def peak_memory_child(variant: str, res: int, batch: int, device_name: str) -> f
     device = torch.device(device_name)
     model = create(METAPOOL, device)
     if variant == 'plain':
-        use_plain_forward(model, MetaPooling)
+        use_plain_forward(model)
     x = torch.randn(batch, 3, res, res, device=device)
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -307,7 +307,7 @@ def size_rows(rows: Dict[str, Row]) -> None:
                        ('global', create(METAPOOL, torch.device('cpu'), genotype='global'))):
         # Without the enhancer's fast paths: their GEMMs with constant 0/1 matrices are means and broadcasts, which
         # the flop counter would count as model arithmetic.
-        use_plain_forward(model.eval(), GlobalContextEnhancer)
+        use_plain_forward(model.eval())
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(x)

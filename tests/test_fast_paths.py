@@ -1,6 +1,6 @@
 """Exactness of the fast paths against their plain definitions (outputs and gradients), not their speed.
 
-References are independent of the code under test: PyTorch's own F.avg_pool2d / F.max_pool2d, autograd through the
+References are independent of the code under test: PyTorch's own pooling (functional and modules), autograd through the
 literal Eq. 1 sum (`MetaPooling.forward_plain`), a conv-based Coordinate-Attention forward written out here, and the
 un-rewritten model for the deploy rewrite.
 """
@@ -10,6 +10,7 @@ from typing import Sequence, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import timm
 from timm.utils.model import reparameterize_model
@@ -17,7 +18,8 @@ from timm.utils.model import reparameterize_model
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
 from timm_metapool.mixed_op import MetaPooling, _SharedDepthwiseConv, _dot, linear_pool_basis
-from timm_metapool.ops import OP_NAMES, GlobalContextEnhancer, apply_gates, directional_means, pool_kernel_size
+from timm_metapool.ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, directional_means,
+                                pool_kernel_size)
 
 SMALL_SHAPES = [(2, 8, 9, 7), (3, 5, 1, 1), (2, 6, 2, 3), (1, 4, 5, 1)]
 
@@ -100,6 +102,31 @@ def test_max_chain_matches_max_pool(shape):
     weights = mp.probabilities().detach()
     expected = sum(w * F.max_pool2d(x, k, stride=1, padding=k // 2) for w, k in zip(weights, (3, 5, 7)))
     torch.testing.assert_close(mp(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 16, 16), (1, 2, 3, 8)])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('name', ['max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7'])
+@pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')
+def test_fixed_local_enhancers_match_torch_pooling(name, layout, shape):
+    """A fixed `maxK` / `avgK` slot (channels-last max pooling, box-kernel depthwise conv on CPU) against PyTorch's
+    own pooling: output, input gradient and output layout, also TorchScript-compiled."""
+    k = pool_kernel_size(name)
+    reference = (nn.MaxPool2d(k, stride=1, padding=k // 2) if name.startswith('max')
+                 else nn.AvgPool2d(k, stride=1, padding=k // 2, count_include_pad=True))
+    op = create_op(name, shape[1])
+    x = distinct_input(shape, dtype=torch.float64).contiguous(memory_format=layout)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for module in (op, torch.jit.script(op), reference):
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        out = module(xi)
+        (out * g).sum().backward()
+        assert out.is_contiguous(memory_format=layout)
+        results.append((out.detach(), xi.grad))
+    for result in results[:2]:
+        for got, expected in zip(result, results[2]):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES)

@@ -15,13 +15,12 @@ method, and the enhancer alone cannot reach its block's projection, so the metho
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from timm.models._efficientnet_blocks import InvertedResidual
 
 from .mixed_op import MetaPooling
-from .ops import op_name_of, pool_kernel_size
+from .ops import op_name_of, pool_kernel_size, same_size_avg_pool
 
 __all__ = ['ProjectionAvgPool', 'MetaPoolInvertedResidual', 'fuse_pool_into_projection', 'enable_deploy_rewrite']
 
@@ -52,8 +51,7 @@ class ProjectionAvgPool(nn.Conv2d):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.pool_size
-        return F.avg_pool2d(super().forward(x), k, stride=1, padding=k // 2, count_include_pad=True)
+        return same_size_avg_pool(super().forward(x), self.pool_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', pool_size={self.pool_size}'

@@ -14,13 +14,14 @@ On CPU the local terms run in channels-last (`_local_layout`) and the mixed op r
 values, but PyTorch's CPU max pooling, depthwise conv and their backward are several times faster in that layout,
 and so are the 1x1 convs that follow in the block.
 """
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, layout_of, pool_kernel_size
+from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, layout_of, plain_forward_of,
+                  pool_kernel_size)
 
 __all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
 
@@ -31,7 +32,8 @@ _LINEAR_OP_NAMES: Tuple[str, ...] = ('skip', 'avg3', 'avg5', 'avg7')
 _MAX_OP_NAMES: Tuple[str, ...] = ('max3', 'max5', 'max7')
 
 
-def mixed_op_plain(x: torch.Tensor, weights: torch.Tensor, ops: Sequence[nn.Module]) -> torch.Tensor:
+def mixed_op_plain(x: torch.Tensor, weights: torch.Tensor,
+                   ops: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
     """Eq. 1 as written: sum_k weights[k] * ops[k](x). The reference the fused path is checked against."""
     out = weights[0] * ops[0](x)
     for weight, op in zip(weights[1:], ops[1:]):
@@ -225,11 +227,12 @@ class MetaPooling(nn.Module):
         return self.ops[name]
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference definition: the literal Eq. 1 sum (or op k alone once fixed)."""
+        """Reference definition: the literal Eq. 1 sum (or op k alone once fixed), every candidate in its plain
+        definition (`plain_forward_of`: PyTorch's own pooling, the Global Context Enhancer's `forward_plain`)."""
         if self.chosen is not None:
-            return self.ops[self.chosen](x)
+            return plain_forward_of(self.ops[self.chosen])(x)
         weights = self.probabilities().to(x.dtype)
-        return mixed_op_plain(x, weights, [self.ops[name] for name in self.op_names])
+        return mixed_op_plain(x, weights, [plain_forward_of(self.ops[name]) for name in self.op_names])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chosen is not None:
