@@ -36,6 +36,7 @@ BASELINE = 'mobilenetv2_100'
 METAPOOL = 'mobilenetv2_metapool_100'
 MIXED_OP_SHAPES = [(16, 96, 112, 112), (128, 96, 16, 16)]
 TRAIN_SETTINGS = [(224, 16), (32, 128)]  # (resolution, batch)
+FIXED_LOCAL_GENOTYPES = ['avg3', 'max3', 'max7']
 
 
 class Row:
@@ -192,6 +193,20 @@ def bench_models(rows: Dict[str, Row], dev: str, device: torch.device, rounds: i
         del fns
 
 
+def bench_fixed_local(rows: Dict[str, Row], dev: str, device: torch.device, rounds: int) -> None:
+    """Fixed pooling slots (a searched genotype's `maxK` / `avgK`) fwd+bwd at 32 px b128 against the baseline, as
+    the package runs them and as PyTorch's pooling modules (`forward_plain`)."""
+    x = torch.randn(128, 3, 32, 32, device=device)
+    fns = {'base': train_step(create(BASELINE, device), x)}
+    for genotype in FIXED_LOCAL_GENOTYPES:
+        fns[genotype] = train_step(create(METAPOOL, device, genotype=genotype), x)
+        fns[genotype + '_plain'] = train_step(use_plain_forward(create(METAPOOL, device, genotype=genotype)), x)
+    times = time_interleaved(fns, rounds, device)
+    for genotype in FIXED_LOCAL_GENOTYPES:
+        rows[f'fixed_{genotype}'].values[dev] = median_ratio(times, genotype, 'base')
+        rows[f'fixed_plain_{genotype}'].values[dev] = median_ratio(times, genotype + '_plain', 'base')
+
+
 def bench_inference(rows: Dict[str, Row], dev: str, device: torch.device, rounds: int) -> None:
     """Targets 3 (batch-1 latency of the all-global model) and 4 (deploy rewrite of an all-avg3 model)."""
     x = torch.randn(1, 3, 224, 224, device=device)
@@ -344,6 +359,9 @@ def build_rows() -> Dict[str, Row]:
                                       at_most(1.15))
     rows['infer_global_compiled'] = Row('3. all-global inference 224px b1 / baseline, both torch.compile',
                                         '<= 1.15x', at_most(1.15))
+    for genotype in FIXED_LOCAL_GENOTYPES:
+        rows[f'fixed_{genotype}'] = Row(f'   (all-{genotype} fixed model fwd+bwd 32px b128 / baseline)')
+        rows[f'fixed_plain_{genotype}'] = Row(f'   (same, slots as PyTorch pooling modules / baseline)')
     rows['deploy_before'] = Row('4. all-avg3 inference 224px b1, as trained (ms)', fmt='{:.1f}')
     rows['deploy_after'] = Row('4. all-avg3 inference 224px b1, reparameterized (ms)', fmt='{:.1f}')
     rows['deploy_ratio'] = Row('4. all-avg3 before / after reparameterize_model', '> 1x', at_least(1.0))
@@ -401,6 +419,7 @@ def main() -> None:
         device = torch.device(dev)
         for stage in (lambda: bench_mixed_op(rows, dev, device, rounds),
                       lambda: bench_models(rows, dev, device, rounds, args.quick),
+                      lambda: bench_fixed_local(rows, dev, device, rounds),
                       lambda: bench_inference(rows, dev, device, rounds),
                       lambda: bench_compiled(rows, dev, device, rounds) if args.compile else None,
                       lambda: bench_search_iteration(rows, dev, device, rounds),
