@@ -29,7 +29,6 @@ from timm.data import create_dataset, create_loader
 from timm.layers.coord_attn import CoordAttn
 from timm.layers.squeeze_excite import SqueezeExcite
 from timm.scheduler import CosineLRScheduler
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm_metapool  # noqa: F401
 from timm_metapool.data import DatasetSplit, dataset_targets, stratified_split
@@ -37,7 +36,7 @@ from train_hooks import search as search_cli
 from train_hooks.search import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_speed import infer_step, time_interleaved  # noqa: E402
+from bench_speed import count_macs, infer_step, time_interleaved  # noqa: E402
 
 DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 MEAN, STD = (0.2860,), (0.3530,)
@@ -153,15 +152,12 @@ def retrain(cfg: Dict, spec: Dict, seed: int, data_root: str, device: torch.devi
 
 
 def size_and_latency(cfg: Dict, specs: Dict[str, Dict], rounds: int = 30) -> Dict[str, Dict]:
-    """Params, MACs (torch's flop counter: FLOPs / 2) and CPU batch-1 latency, all models timed side by side."""
+    """Params, MACs (`count_macs`) and CPU batch-1 latency, all models timed side by side."""
     x = torch.randn(1, 1, cfg['img_size'], cfg['img_size'])
     models, out = {}, {}
     for name, spec in specs.items():
         model = build_model(cfg, spec).eval()
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(x)
-        out[name] = dict(params=sum(p.numel() for p in model.parameters()), macs=counter.get_total_flops() // 2)
+        out[name] = dict(params=sum(p.numel() for p in model.parameters()), macs=count_macs(model, x))
         models[name] = model
     times = time_interleaved({n: infer_step(m, x) for n, m in models.items()}, rounds, torch.device('cpu'))
     for name in specs:
