@@ -1,8 +1,8 @@
 """Exactness of the fast paths against their plain definitions (outputs and gradients), not their speed.
 
-References are independent of the code under test: PyTorch's own pooling (functional and modules), autograd through the
-literal Eq. 1 sum (`MetaPooling.forward_plain`), a conv-based Coordinate-Attention forward written out here, and the
-un-rewritten model for the deploy rewrite.
+References are independent of the code under test: PyTorch's own pooling (functional and modules), autograd through
+the literal Eq. 1 sum (`MetaPooling.forward_plain`), a conv-based Coordinate-Attention forward written out here, and
+the un-rewritten model for the deploy rewrite.
 """
 import itertools
 from typing import Sequence, Tuple
@@ -234,10 +234,10 @@ def test_global_enhancer_matches_conv_reference(shape, train):
     ref = GlobalContextEnhancer(shape[1]).double().train(train)
     ref.load_state_dict(gce.state_dict())
     x = torch.randn(shape, dtype=torch.float64)
-    plain = GlobalContextEnhancer(shape[1]).double().train(train)
-    plain.load_state_dict(gce.state_dict())
+    unfused = GlobalContextEnhancer(shape[1]).double().train(train)
+    unfused.load_state_dict(gce.state_dict())
     results = []
-    for module, forward in ((gce, gce), (plain, plain.forward_plain),
+    for module, forward in ((gce, gce), (unfused, unfused.forward_plain),
                             (ref, lambda t: _coord_attention_reference(ref, t))):
         xi = x.clone().requires_grad_(True)
         out = forward(xi)
