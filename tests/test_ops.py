@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_metapool import OP_NAMES, GlobalContextEnhancer, MetaPooling, create_op, op_name_of
+from timm_metapool.ops import AvgPoolEnhancer, MaxPoolEnhancer
 
 SHAPES = [(2, 5, 9, 7), (3, 4, 1, 1), (1, 6, 2, 5), (2, 3, 16, 16)]
 
@@ -84,6 +85,13 @@ def test_only_global_has_parameters_and_names_round_trip():
         op = create_op(name, 32)
         assert op_name_of(op) == name
         assert (sum(p.numel() for p in op.parameters()) > 0) == (name == 'global')
+
+
+@pytest.mark.parametrize('cls', [AvgPoolEnhancer, MaxPoolEnhancer])
+@pytest.mark.parametrize('kernel_size', [4, 0, -3, (3, 3)])
+def test_pool_enhancers_reject_even_or_invalid_kernels(cls, kernel_size):
+    with pytest.raises(ValueError, match='odd kernel size'):
+        cls(kernel_size)
 
 
 def test_unknown_op_lists_valid_names():

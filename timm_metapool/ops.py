@@ -307,11 +307,18 @@ torch.fx.wrap('same_size_avg_pool')
 torch.fx.wrap('same_size_max_pool')
 
 
+def _check_odd_kernel(kernel_size: int, owner: str) -> None:
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f'{owner} keeps the map size with padding k // 2, which needs an odd kernel size '
+                         f'(the candidates use 3, 5 and 7); got {kernel_size!r}.')
+
+
 class AvgPoolEnhancer(nn.AvgPool2d):
     """Local Context Enhancer `avgK` (paper Sec. 2.1): `nn.AvgPool2d(k, stride=1, padding=k // 2)` (zero padding
     counted), evaluated by `same_size_avg_pool`."""
 
     def __init__(self, kernel_size: int):
+        _check_odd_kernel(kernel_size, 'AvgPoolEnhancer')
         super().__init__(kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,6 +334,7 @@ class MaxPoolEnhancer(nn.MaxPool2d):
     evaluated by `same_size_max_pool`."""
 
     def __init__(self, kernel_size: int):
+        _check_odd_kernel(kernel_size, 'MaxPoolEnhancer')
         super().__init__(kernel_size, stride=1, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
