@@ -10,7 +10,7 @@
   holds several equal maxima both versions pass the gradient to one of them, not necessarily the same one.
 * the `global` term scales its small per-row gate by its weight before touching the full-size map.
 
-On CPU the local terms run in channels-last (`_local_layout`) and the mixed op returns a channels-last map: the same
+On CPU the local terms run in channels-last (`ops.local_layout`) and the mixed op returns a channels-last map: the same
 values, but PyTorch's CPU max pooling, depthwise conv and their backward are several times faster in that layout,
 and so are the 1x1 convs that follow in the block.
 """
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, layout_of, plain_forward_of,
-                  pool_kernel_size)
+from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, layout_of, local_layout,
+                  plain_forward_of, pool_kernel_size)
 
 __all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
 
@@ -94,13 +94,6 @@ class _SharedDepthwiseConv(torch.autograd.Function):
         return grad_x, grad_kernel
 
 
-def _local_layout(x: torch.Tensor) -> torch.Tensor:
-    """x in the layout the local terms run in: channels-last on CPU, where PyTorch's max pooling is vectorised over
-    channels only in that layout (in NCHW it and its backward measured 3x to 10x slower) and oneDNN's depthwise conv
-    and its backward are about 2x faster; unchanged elsewhere."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == 'cpu' else x
-
-
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """A dense 4-D tensor as a 1-D view in its own memory order (for dot products between same-layout tensors)."""
     return t.permute(0, 2, 3, 1).reshape(-1) if not t.is_contiguous() else t.reshape(-1)
@@ -122,7 +115,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
 class _WeightedMaxChain(torch.autograd.Function):
     """out += sum_j weights[chain[j]] * max3^(j+1)(x), in place: max3, max5 = max3(max3), max7 = max3(max5).
 
-    Runs in x's layout (MetaPooling passes it in `_local_layout`); the backward follows that layout.
+    Runs in x's layout (MetaPooling passes it in `local_layout`); the backward follows that layout.
 
     `chain[j]` is the index in `weights` of the level-j candidate, or None where that size is not a candidate (its
     pool still runs, as a step to the larger ones). Autograd through the pools and accumulations would materialise
@@ -238,7 +231,7 @@ class MetaPooling(nn.Module):
         if self.chosen is not None:
             return self.ops[self.chosen](x)
         weights = self.probabilities().to(x.dtype)
-        local_x = _local_layout(x)  # the output keeps this layout (module docstring)
+        local_x = local_layout(x)  # the output keeps this layout (module docstring)
         out = self._linear_term(local_x, weights)
         out = self._max_terms(local_x, weights, out)
         if self._global_idx is not None:
