@@ -5,7 +5,7 @@ the literal Eq. 1 sum (`MetaPooling.forward_plain`), a conv-based Coordinate-Att
 the un-rewritten model for the deploy rewrite.
 """
 import itertools
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -36,12 +36,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
-def outputs_and_grads(mp: MetaPooling, forward, x: torch.Tensor, seed: int = 1) -> Tuple[torch.Tensor, ...]:
-    """Output, d/dx and d/dalpha of <forward(x), g> for a fixed random cotangent g."""
+def outputs_and_grads(mp: MetaPooling, forward, x: torch.Tensor, seed: int = 1,
+                      cotangent: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """Output, d/dx and d/dalpha of <forward(x), g> for a fixed random cotangent g (or `cotangent`)."""
     x = x.detach().requires_grad_(True)
     mp.arch_alpha.grad = None
     out = forward(x)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    g = cotangent if cotangent is not None else torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     (out * g).sum().backward()
     return out.detach(), x.grad, mp.arch_alpha.grad.clone()
 
@@ -127,6 +129,43 @@ def test_fixed_local_enhancers_match_torch_pooling(name, layout, shape):
     for result in results[:2]:
         for got, expected in zip(result, results[2]):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def bfloat16_exact_input(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """Float32 values that bfloat16 holds exactly and that are distinct within each (n, c) plane (planes of at most
+    256 pixels: small integers over 16), so rounding to bfloat16 makes no ties in the max pools."""
+    n, c, h, w = shape
+    ranks = torch.rand(n, c, h * w, generator=torch.Generator().manual_seed(seed)).argsort(dim=-1).float()
+    return ((ranks - h * w // 2) / 16).view(n, c, h, w)
+
+
+@pytest.mark.parametrize('input_dtype', [torch.float32, torch.bfloat16])
+def test_fused_matches_plain_under_autocast(input_dtype):
+    """Under autocast (the search's --amp) the fused mixed op and the fixed local enhancers keep the dtype their
+    plain definitions give (pooling keeps x's dtype; the rewrites' convs must not be cast to bfloat16), and their
+    values and gradients are as close to a float64 reference as the plain definitions' under autocast."""
+    shape = (2, 8, 9, 7)
+    x = bfloat16_exact_input(shape).to(input_dtype)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    exact = make_mixed(shape[1], dtype=torch.float64)
+    reference = outputs_and_grads(exact, exact.forward_plain, x.double(), cotangent=g.double())
+    mp = make_mixed(shape[1])
+    results = []
+    for forward in (mp.forward, mp.forward_plain):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            results.append(outputs_and_grads(mp, forward, x, cotangent=g))
+    fast, plain = results
+    assert [t.dtype for t in fast] == [t.dtype for t in plain] == [input_dtype, input_dtype, torch.float32]
+    for got, baseline, expected in zip(fast, plain, reference):  # both within four units of bfloat16 rounding
+        assert rel_err(got.double(), expected) <= 2 ** -6
+        assert rel_err(baseline.double(), expected) <= 2 ** -6
+
+    for name in ('max3', 'max7', 'avg3', 'avg7'):
+        op = create_op(name, shape[1])
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out, expected = op(x), op.forward_plain(x)
+        assert out.dtype == expected.dtype == input_dtype
+        torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES)

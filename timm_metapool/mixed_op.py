@@ -232,8 +232,11 @@ class MetaPooling(nn.Module):
             return self.ops[self.chosen](x)
         weights = self.probabilities().to(x.dtype)
         local_x = local_layout(x)  # the output keeps this layout (module docstring)
-        out = self._linear_term(local_x, weights)
-        out = self._max_terms(local_x, weights, out)
+        # The local terms stand for pooling, which keeps x's dtype under autocast: their kernel arithmetic and convs
+        # must not be cast to half precision (nor their output, which the other terms are added into).
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._linear_term(local_x, weights)
+            out = self._max_terms(local_x, weights, out)
         if self._global_idx is not None:
             enhancer: GlobalContextEnhancer = self.ops['global']
             a_h, a_w = enhancer.gates(x)

@@ -281,13 +281,27 @@ def same_size_avg_pool(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     On CPU it runs as a depthwise conv with a constant box kernel, the same sums: PyTorch's CPU `avg_pool2d` and its
     backward measured 6x to 7x slower than oneDNN's depthwise conv at MobileNetV2's expanded shapes (2-core x86).
     """
-    padding = kernel_size // 2
     if x.device.type != 'cpu':
-        return F.avg_pool2d(x, kernel_size, 1, padding, count_include_pad=True)
+        return F.avg_pool2d(x, kernel_size, 1, kernel_size // 2, count_include_pad=True)
+    if torch.jit.is_scripting():  # TorchScript runs no autocast
+        return _box_filter(x, kernel_size)
+    return _box_filter_eager(x, kernel_size)
+
+
+def _box_filter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """`avgK` as a depthwise conv with a constant 1/k^2 kernel, zero padding k // 2."""
     channels = x.shape[1]
     box = torch.full((channels, 1, kernel_size, kernel_size), 1. / (kernel_size * kernel_size),
                      dtype=x.dtype, device=x.device)
-    return F.conv2d(x, box, None, 1, padding, 1, channels)
+    return F.conv2d(x, box, None, 1, kernel_size // 2, 1, channels)
+
+
+@torch.jit.unused
+def _box_filter_eager(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    # Pooling keeps x's dtype under autocast; a conv would be cast to half precision (a float32 map would come out
+    # as bfloat16, and its backward would meet tensors of two dtypes).
+    with torch.autocast(x.device.type, enabled=False):
+        return _box_filter(x, kernel_size)
 
 
 def local_layout(x: torch.Tensor) -> torch.Tensor:
