@@ -175,6 +175,28 @@ def test_non_finite_loss_stops_with_a_clear_error():
         assert torch.equal(p, before[name]), name
 
 
+def test_float16_overflow_skips_the_whole_iteration():
+    """float16 AMP: an iteration whose scaled weight gradient overflows changes no weight and no alpha (a virtual
+    step along a non-finite g would poison the meta pass) and the GradScaler lowers its scale; the next iteration,
+    at the lower scale, updates both."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_metapool_035', num_classes=4)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 100, backoff_factor=2.0 ** -100)  # 2^100 overflows
+    search = PMPLSearch(model, PMPLConfig(lr=0.01), grad_scaler=scaler,
+                        autocast=lambda: torch.autocast('cpu', dtype=torch.float16))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = search.step(_batch(1), _batch(2))
+    assert stats.skipped and math.isnan(stats.meta_loss) and stats.meta_batch_size == 0
+    assert scaler.get_scale() == 1.0
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    stats = search.step(_batch(3), _batch(4))
+    assert not stats.skipped and math.isfinite(stats.meta_loss)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.endswith('arch_alpha') for n in changed) and any(not n.endswith('arch_alpha') for n in changed)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_config_rejects_bad_rho():
     with pytest.raises(ValueError, match=r'rho must be in \(0, 1\]'):
         PMPLConfig(rho=0.0)

@@ -7,6 +7,9 @@ One iteration (`PMPLSearch.step`):
   3. theta <- SGD(theta, g)  (momentum, weight decay, cosine lr);
   4. progressive early stopping (Eq. 4): every open slot whose softmax(alpha) has a margin >= rho is fixed to its
      argmax, its alpha frozen and its other candidates removed from the network.
+
+With float16 AMP (a GradScaler) an iteration whose scaled weight gradient overflowed is skipped whole, as AMP skips
+any such step: g is not finite, so neither the virtual step nor the SGD step can be taken.
 """
 import contextlib
 from dataclasses import asdict, dataclass, field
@@ -112,6 +115,7 @@ class StepStats:
     batch_size: int
     meta_batch_size: int
     fixed: List[FixEvent] = field(default_factory=list)
+    skipped: bool = False  # float16 AMP overflow: nothing was updated and the GradScaler lowered its scale
 
 
 def _all_reduce_mean(tensors: List[torch.Tensor]) -> None:
@@ -169,6 +173,9 @@ class PMPLSearch:
              step: int = 0, epoch: int = 0) -> StepStats:
         """Algorithm 1, one iteration."""
         train_loss, train_correct = self.weight_gradient(*train_batch)            # g = grad_theta L_tr
+        if self.weight_gradient_overflowed():
+            self.update_weights()  # the GradScaler skips the SGD step and lowers its scale
+            return StepStats(train_loss, float('nan'), train_correct, 0, len(train_batch[1]), 0, skipped=True)
         meta_loss, meta_correct = self.update_alpha(*meta_batch)                   # Eq. 3 outer step
         self.update_weights()                                                      # theta <- theta - zeta g
         fixed = self.apply_early_stopping(step, epoch) if self.config.early_stop else []  # Eq. 4
@@ -190,6 +197,13 @@ class PMPLSearch:
             loss.backward()
         return float(loss.detach()), int((logits.detach().argmax(-1) == targets).sum())
 
+    def weight_gradient_overflowed(self) -> bool:
+        """Whether float16 AMP's scaled backward overflowed, leaving g not finite (never without a GradScaler)."""
+        if self.grad_scaler is None:
+            return False
+        grads = [p.grad for p in self.model.weight_parameters() if p.grad is not None]
+        return not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
     def update_alpha(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[float, int]:
         """theta' = theta - zeta * g; Adam step on alpha with grad_alpha L_mt(theta', alpha); restore theta."""
         alphas = self.model.arch_parameters()
@@ -209,7 +223,8 @@ class PMPLSearch:
                 logits = self.model(images)
                 loss = self.loss_fn(logits, targets)
             _check_finite(loss, 'meta')
-            grads = torch.autograd.grad(loss, alphas)
+            # Under float16 AMP the meta loss is scaled like the train loss, so small gradients do not underflow.
+            grads = torch.autograd.grad(loss if self.grad_scaler is None else self.grad_scaler.scale(loss), alphas)
         finally:
             self._freeze_alpha()
             with torch.no_grad():
@@ -219,13 +234,16 @@ class PMPLSearch:
                     b.copy_(saved)
         grads = [g.float() for g in grads]
         _all_reduce_mean(grads)  # every rank takes the same alpha step, hence the same Eq. 4 decisions
-        if not all(torch.isfinite(g).all() for g in grads):
+        if self.grad_scaler is None and not all(torch.isfinite(g).all() for g in grads):
             raise FloatingPointError(
                 'The gradient of alpha is not finite: the virtual step theta - zeta * g overflowed the network. '
                 'Lower --lr (zeta), or use --first-order. The last good checkpoint (if any) is kept untouched.')
         for alpha, g in zip(alphas, grads):
             alpha.grad = g.to(alpha.dtype)
-        self.arch_optimizer.step()
+        if self.grad_scaler is None:
+            self.arch_optimizer.step()
+        else:  # unscales; an overflow skips this Adam step and lowers the scale at the iteration's `update`
+            self.grad_scaler.step(self.arch_optimizer)
         self.arch_optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()), int((logits.detach().argmax(-1) == targets).sum())
 

@@ -392,7 +392,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
         meta_batches = cycle_batches(meta_loader, epoch)
-        sums = dict(train_loss=0.0, meta_loss=0.0, train_correct=0, meta_correct=0, n=0, meta_n=0, steps=0)
+        sums = dict(train_loss=0.0, meta_loss=0.0, train_correct=0, meta_correct=0, n=0, meta_n=0, steps=0, skipped=0)
         bar = None if args.quiet or not dist_env.is_main else _progress(steps_per_epoch, epoch, args.epochs)
         for images, targets in train_loader:
             meta_images, meta_targets = next(meta_batches)
@@ -404,6 +404,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
             stats = search.step((batches[0], batches[1]), (batches[2], batches[3]), step=global_step, epoch=epoch)
             global_step += 1
             sums['steps'] += 1
+            sums['skipped'] += stats.skipped
             for key, value in (('train_loss', stats.train_loss * stats.batch_size),
                                ('meta_loss', 0.0 if math.isnan(stats.meta_loss) else
                                 stats.meta_loss * stats.meta_batch_size),
@@ -431,7 +432,8 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         history.append({'epoch': global_step / steps_per_epoch, 'probabilities': snapshot_probabilities(model)})
         log(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | meta loss "
             f"{row['meta_loss']:.4f} top1 {row['meta_top1']:.2f} | fixed {row['slots_fixed']}/{model.num_slots} | "
-            f"{row['epoch_time_s']:.1f}s")
+            f"{row['epoch_time_s']:.1f}s" + (f" | {sums['skipped']} steps skipped (float16 overflow; the GradScaler "
+                                             f"lowered its scale)" if sums['skipped'] else ''))
         if dist_env.is_main:
             write_log_csv(log_rows, os.path.join(args.output, LOG_NAME))
             save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes)
