@@ -19,7 +19,7 @@ import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
 from timm_metapool.mixed_op import MetaPooling, _SharedDepthwiseConv, _dot, linear_pool_basis
 from timm_metapool.ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, directional_means,
-                                pool_kernel_size)
+                                pool_kernel_size, sum_over_height, sum_over_width)
 
 SMALL_SHAPES = [(2, 8, 9, 7), (3, 5, 1, 1), (2, 6, 2, 3), (1, 4, 5, 1)]
 
@@ -264,7 +264,10 @@ def _coord_attention_reference(gce: GlobalContextEnhancer, x: torch.Tensor) -> t
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES + [(4, 64, 3, 8)])
 @pytest.mark.parametrize('train', [True, False])
-def test_global_enhancer_matches_conv_reference(shape, train):
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_global_enhancer_matches_conv_reference(shape, train, layout):
+    """Outputs, input and parameter gradients and BN statistics of the lean enhancer and of `forward_plain` against
+    a conv-based Coordinate-Attention forward; for NCHW and channels-last maps, whose layout the output keeps."""
     torch.manual_seed(0)
     gce = GlobalContextEnhancer(shape[1]).double().train(train)
     with torch.no_grad():  # non-trivial BN statistics for eval mode
@@ -272,15 +275,16 @@ def test_global_enhancer_matches_conv_reference(shape, train):
         gce.bn.running_var.uniform_(0.5, 2.)
     ref = GlobalContextEnhancer(shape[1]).double().train(train)
     ref.load_state_dict(gce.state_dict())
-    x = torch.randn(shape, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
     unfused = GlobalContextEnhancer(shape[1]).double().train(train)
     unfused.load_state_dict(gce.state_dict())
     results = []
     for module, forward in ((gce, gce), (unfused, unfused.forward_plain),
                             (ref, lambda t: _coord_attention_reference(ref, t))):
-        xi = x.clone().requires_grad_(True)
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
         out = forward(xi)
         out.pow(2).sum().backward()
+        assert out.is_contiguous(memory_format=layout)
         results.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()]
                        + [module.bn.running_mean.clone(), module.bn.running_var.clone()])
     for fast, plain, reference in zip(*results):
@@ -315,17 +319,45 @@ def test_apply_gates_matches_broadcast_product(shape, needs_grad):
 
 
 def test_apply_gates_layouts_and_dtypes_match_plain_product():
-    """Channels-last maps (lean path) and mixed dtypes (plain path) give what the plain product gives: the same
-    values, dtype and layout, and for channels-last the same gradients."""
+    """Channels-last maps with gates in either layout (lean path for channels-last gates) and mixed dtypes (plain
+    path) give what the plain product gives: the same values, dtype and layout, and the same gradients."""
     x = torch.randn(2, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     a_h, a_w = torch.rand(2, 8, 5, 1, dtype=torch.float64), torch.rand(2, 8, 1, 6, dtype=torch.float64)
-    for args in ((x, a_h, a_w), (x.float(), a_h.float(), a_w), (x.contiguous(), a_h, a_w.float())):
-        leaves = [t.clone().requires_grad_(True) for t in args]
+    a_h_cl, a_w_cl = (t.contiguous(memory_format=torch.channels_last) for t in (a_h, a_w))
+    assert a_h_cl.stride() != a_h.stride() and a_w_cl.stride() != a_w.stride()
+    cases = ((x, a_h_cl, a_w_cl), (x, a_h, a_w), (x.float(), a_h.float(), a_w), (x.contiguous(), a_h, a_w.float()))
+    for args in cases:
+        leaves = [t.clone(memory_format=torch.preserve_format).requires_grad_(True) for t in args]
         got, expected = apply_gates(*leaves), args[0] * args[1] * args[2]
         assert got.dtype == expected.dtype and got.stride() == expected.stride()
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    leaves = [t.clone().requires_grad_(True) for t in (x, a_h, a_w)]
-    assert torch.autograd.gradcheck(apply_gates, leaves)
+        if all(t.dtype == torch.float64 for t in args):
+            assert torch.autograd.gradcheck(apply_gates, leaves)
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 16, 17)])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_sums_over_width_and_height(shape, layout):
+    """Against torch.sum with keepdim; the result is stored in the map's layout."""
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
+    for fast, dim in ((sum_over_width, 3), (sum_over_height, 2)):
+        got = fast(x)
+        torch.testing.assert_close(got, x.sum(dim=dim, keepdim=True), rtol=1e-12, atol=1e-12)
+        assert got.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 16, 17)])
+def test_gates_are_laid_out_like_the_map(shape):
+    """The enhancer's gates come in the layout of the map they multiply (x's, or `like`'s)."""
+    gce = GlobalContextEnhancer(shape[1])
+    x = torch.randn(shape)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for source, like, layout in ((x, None, torch.contiguous_format), (x_cl, None, torch.channels_last),
+                                 (x, x_cl, torch.channels_last), (x_cl, x, torch.contiguous_format)):
+        gates = gce.gates(source, like=like)
+        assert all(gate.is_contiguous(memory_format=layout) for gate in gates)
+        for got, expected in zip(gates, gce.gates(x)):
+            torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES + [(1, 2, 16, 16), (2, 3, 17, 16), (1, 2, 40, 3)])
@@ -335,8 +367,9 @@ def test_directional_means_match_mean(shape):
     z = directional_means(x)
     torch.testing.assert_close(z, torch.cat([x.mean(dim=3), x.mean(dim=2)], dim=2), rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(directional_means, (x,))
-    channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     torch.testing.assert_close(directional_means(channels_last), z.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(directional_means, (channels_last,))
 
 
 def test_global_enhancer_trains_after_inference_mode():
@@ -399,13 +432,14 @@ def test_reparameterize_leaves_open_and_non_avg_slots():
 
 
 @pytest.mark.parametrize('shape', [(2, 8, 5, 6), (2, 8, 20, 18)])
-def test_global_enhancer_under_torch_compile_matches_eager(shape):
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_global_enhancer_under_torch_compile_matches_eager(shape, layout):
     """Under torch.compile the enhancer hands the compiler its plain definitions (mean, broadcast product: no GEMM
     with a 0/1 matrix, no custom autograd Function, no graph break) and gives the eager fast paths' values and
     gradients. The recording backend runs the captured graph eagerly, so no C++ toolchain is needed."""
     torch.manual_seed(0)
     gce = GlobalContextEnhancer(shape[1]).double()
-    x = torch.randn(shape, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
     captured = []
 
     def recording_backend(graph_module, example_inputs):
@@ -415,9 +449,10 @@ def test_global_enhancer_under_torch_compile_matches_eager(shape):
     results = []
     for forward in (gce, torch.compile(gce, backend=recording_backend, fullgraph=True)):
         gce.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
         out = forward(xi)
         out.pow(2).sum().backward()
+        assert out.is_contiguous(memory_format=layout)
         results.append([out.detach(), xi.grad] + [p.grad.clone() for p in gce.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -239,7 +239,7 @@ class MetaPooling(nn.Module):
             out = self._max_terms(local_x, weights, out)
         if self._global_idx is not None:
             enhancer: GlobalContextEnhancer = self.ops['global']
-            a_h, a_w = enhancer.gates(x)
+            a_h, a_w = enhancer.gates(x, like=local_x)
             # pi_global * x * a_h * a_w with the weight folded into the (N, C, H, 1) gate, not the full map.
             out.add_(apply_gates(local_x, weights[self._global_idx] * a_h, a_w))
         return out
