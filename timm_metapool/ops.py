@@ -56,9 +56,10 @@ def _averaging_matrix(height: int, width: int, dtype: torch.dtype, device: torch
 def directional_means(x: torch.Tensor) -> torch.Tensor:
     """The Global Context Enhancer's profiles side by side: [z^h = mean_W x | z^w = mean_H x], (N, C, H + W).
 
-    Small maps average through one GEMM with `_averaging_matrix`. Large maps use sums scaled afterwards, not
-    `mean`: the backward of `sum` is a broadcast view that autograd adds into x's gradient in place, while that of
-    `mean` first materialises a full-size tensor.
+    Small NCHW maps average through one GEMM with `_averaging_matrix`. Large and channels-last maps use sums scaled
+    afterwards, not `mean`: the backward of `sum` is a broadcast view that autograd adds into x's gradient in place,
+    while that of `mean` first materialises a full-size tensor. A channels-last map's sums (`sum_over_width`) come
+    out as a transposed view of (N, H + W, C) rows.
     """
     if torch.jit.is_scripting():
         return _plain_directional_means(x)
