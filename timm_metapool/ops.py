@@ -171,7 +171,11 @@ def layout_of(t: torch.Tensor) -> torch.memory_format:
 
 
 def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """t stored in the layout of the 4-D map `like`: NCHW where `like` is NCHW-contiguous, else channels-last."""
+    """t stored in the layout of the 4-D map `like`: NCHW where `like` is NCHW-contiguous, else channels-last.
+
+    `layout_of`'s rule in a form TorchScript compiles (it has no memory-format type): the gates are made on the
+    scripted path too.
+    """
     if like.is_contiguous():
         return t.contiguous()
     return t.contiguous(memory_format=torch.channels_last)
