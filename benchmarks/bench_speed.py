@@ -31,6 +31,7 @@ from timm.utils.model import reparameterize_model
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import enable_deploy_rewrite
 from timm_metapool.mixed_op import MetaPooling
+from timm_metapool.ops import GlobalContextEnhancer, directional_means
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
 
 BASELINE = 'mobilenetv2_100'
@@ -118,6 +119,31 @@ def coord_attn_model(device: torch.device) -> nn.Module:
     model = create(METAPOOL, device, genotype='global')
     for block in model.enhancer_blocks():
         block.se = CoordAttn(block.conv_pwl.in_channels).to(device)
+    return model
+
+
+class EnhancerPart(nn.Module):
+    """Runs only the first part of a Global Context Enhancer (`means`, or `gates`: the means and the gate network)
+    and returns its input unchanged, so that the model's time shows what that part costs where the enhancer sits
+    (in the model each part costs more than it does in a loop over one slot, where its caches stay warm)."""
+
+    def __init__(self, enhancer: GlobalContextEnhancer, part: str):
+        super().__init__()
+        self.enhancer, self.part = enhancer, part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.part == 'means':
+            directional_means(x)
+        else:
+            self.enhancer.gates(x)
+        return x
+
+
+def enhancer_part_model(part: str, device: torch.device) -> nn.Module:
+    """The all-global model with every enhancer reduced to `part` (see `EnhancerPart`)."""
+    model = create(METAPOOL, device, genotype='global')
+    for block in model.enhancer_blocks():
+        block.se = EnhancerPart(block.se, part)
     return model
 
 
@@ -219,12 +245,16 @@ def bench_inference(rows: Dict[str, Row], dev: str, device: torch.device, rounds
         'base': infer_step(create(BASELINE, device).eval(), x),
         'global': infer_step(create(METAPOOL, device, genotype='global').eval(), x),
         'coordattn': infer_step(coord_attn_model(device).eval(), x),
+        'global_means': infer_step(enhancer_part_model('means', device).eval(), x),
+        'global_gates': infer_step(enhancer_part_model('gates', device).eval(), x),
         'avg3': infer_step(avg3, x),
         'avg3_deployed': infer_step(deployed, x),
     }
     times = time_interleaved(fns, rounds * 10, device)  # batch 1 is quick and noisier: more rounds
     rows['infer_global'].values[dev] = median_ratio(times, 'global', 'base')
     rows['infer_vs_ca'].values[dev] = median_ratio(times, 'global', 'coordattn')
+    rows['infer_means'].values[dev] = median_ratio(times, 'global_means', 'base')
+    rows['infer_gates'].values[dev] = median_ratio(times, 'global_gates', 'base')
     rows['deploy_before'].values[dev] = median(times['avg3']) * 1e3
     rows['deploy_after'].values[dev] = median(times['avg3_deployed']) * 1e3
     rows['deploy_ratio'].values[dev] = median_ratio(times, 'avg3', 'avg3_deployed')
@@ -359,6 +389,8 @@ def build_rows() -> Dict[str, Row]:
         rows[f'base_cl_{res}'] = Row(f'   (baseline NCHW / baseline channels-last, fwd+bwd {res}px b{batch})')
     rows['infer_global'] = Row('3. all-global inference 224px b1 / baseline', '<= 1.15x', at_most(1.15))
     rows['infer_vs_ca'] = Row('3. all-global inference 224px b1 / timm CoordAttn', '<= 1.0x', at_most(1.0))
+    rows['infer_means'] = Row('   (all-global inference b1, enhancers cut to their means / baseline)')
+    rows['infer_gates'] = Row('   (same, enhancers cut to means and gate network / baseline)')
     rows['global_compiled_32'] = Row('3. all-global fwd+bwd 32px b128 / baseline, both torch.compile', '<= 1.3x',
                                      at_most(1.3))
     rows['global_compiled_224'] = Row('3. all-global fwd+bwd 224px b16 / baseline, both torch.compile', '<= 1.15x',
