@@ -195,6 +195,17 @@ def test_torch_compile_fixed_model():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('genotype', ['random:0', 'global'])
+def test_torch_export_fixed_model(genotype):
+    # torch.export is what the ONNX (dynamo) exporter and ExecuTorch trace through: the fast paths' Python control
+    # flow must hand it the plain definitions, and the exported program must compute the same outputs.
+    model = timm.create_model('mobilenetv2_metapool_035', genotype=genotype, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_package_exports():
     assert timm_metapool.OP_NAMES == ('skip', 'global', 'max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7')
     assert isinstance(timm.create_model('mobilenetv2_metapool_035').enhancer_slots()[0], MetaPooling)
