@@ -108,6 +108,14 @@ def test_genotype_forms_and_errors_through_create_model(tmp_path):
         timm.create_model('mobilenetv2_metapool_100', genotype='bogus,' * 15 + 'skip')
 
 
+def test_se_layer_is_refused_not_ignored():
+    # timm's own mobilenetv2_100 silently drops se_layer (no se ratio in its arch strings); here the slot is taken.
+    timm.create_model('mobilenetv2_100', se_layer='se')
+    with pytest.raises(ValueError, match="takes no se_layer.*'se'.*genotype=.*enhancer_blocks"):
+        timm.create_model('mobilenetv2_metapool_035', se_layer='se')
+    assert timm.create_model('mobilenetv2_metapool_035', se_layer=None, genotype='skip').genotype.ops[0] == 'skip'
+
+
 def test_pretrained_without_published_weights_is_a_clear_error():
     with pytest.raises(RuntimeError, match='timm-metapool/mobilenetv2_metapool_100.pmpl_in1k.*genotype='):
         timm.create_model('mobilenetv2_metapool_100', pretrained=True)

@@ -181,6 +181,13 @@ def _gen_mobilenetv2_metapool(
             takes (list, 'a,b,...', preset op name, 'random:SEED', JSON path), giving the fixed architecture.
         pretrained: load published weights; without `genotype`, the genotype is read from the weights' config.
     """
+    if kwargs.get('se_layer') is not None:
+        # timm's builder would drop it without a word (MobileNetV2's arch strings carry no se ratio), and the slot it
+        # names already holds the enhancer.
+        raise ValueError(
+            f'{variant} takes no se_layer (got {kwargs["se_layer"]!r}): every InvertedResidual\'s se slot holds its '
+            f'Meta-Pooling enhancer, chosen by genotype=. To put another module there (e.g. timm\'s CoordAttn for a '
+            f'comparison), build the model and assign block.se for each block in model.enhancer_blocks().')
     block_args = _decode_mobilenetv2(depth_multiplier, fix_stem_head)
     num_slots = count_enhancer_slots(block_args)
     if pretrained:
