@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import timm
 
 from timm_metapool import OP_NAMES
-from timm_metapool.pmpl import PMPLConfig, PMPLSearch, confident_argmax, fix_confident_slots
+from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch, confident_argmax, fix_confident_slots
 
 
 def softmax_by_hand(alpha):
@@ -197,8 +197,15 @@ def test_float16_overflow_skips_the_whole_iteration():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_config_rejects_bad_rho():
+def test_config_rejects_out_of_range_settings():
     with pytest.raises(ValueError, match=r'rho must be in \(0, 1\]'):
         PMPLConfig(rho=0.0)
     with pytest.raises(ValueError, match='rho'):
         PMPLConfig(rho=1.5)
+    # Before the optimizers exist: torch.optim would only refuse these once a run had loaded its data.
+    for name, value in (('lr', 0.0), ('arch_lr', float('nan')), ('momentum', 1.0), ('momentum', -0.1),
+                        ('weight_decay', -1e-5), ('arch_weight_decay', -1.0)):
+        with pytest.raises(InvalidSetting, match=f'^{name} must be') as info:
+            PMPLConfig(**{name: value})
+        assert info.value.name == name
+    PMPLConfig(momentum=0.0, weight_decay=0.0, arch_weight_decay=0.0, rho=1.0)

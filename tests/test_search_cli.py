@@ -111,11 +111,40 @@ def test_torchrun_two_processes_agree(data_dir, tmp_path):
     ('--rho', '0', r'--rho must be in \(0, 1\]'),
     ('--rho', '1.2', r'--rho must be in \(0, 1\]'),
     ('--model', 'mobilenetv2_100', 'not a Meta-Pooling model'),
+    # Each of these used to fail only after the data was loaded (a traceback from torch) or to be taken silently.
+    ('--momentum', '-0.5', r'--momentum must be in \[0, 1\)'),
+    ('--arch-weight-decay', '-1', '--arch-weight-decay must be at least 0'),
+    ('--lr', 'nan', '--lr must be positive'),
+    ('--smoothing', '1.5', r'--smoothing must be in \[0, 1\)'),
+    ('--history-interval', '0', '--history-interval must be at least 1'),
+    ('--meta-batch-size', '0', '--meta-batch-size must be at least 1'),
+    ('--num-classes', '0', '--num-classes must be at least 1'),
+    ('--hflip', '2', r'--hflip must be a probability in \[0, 1\]'),
+    ('--seed', '-1', '--seed must be in'),
+    ('--device', 'gpu0', "--device 'gpu0' is not a torch device"),
 ])
 def test_bad_arguments(data_dir, tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=message):
         main(search_args(data_dir, tmp_path / 'x', flag, value))
     assert not (tmp_path / 'x').exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_output(tmp_path):
+    # Without --data-dir the demo dataset is generated into the output dir before the batch size can be checked
+    # against it; left behind, it would get the corrected rerun refused for a non-empty output dir.
+    args = ['--model', 'mobilenetv2_metapool_035', '--epochs', '1', '--workers', '0', '--quiet', '-b', '100000']
+    with pytest.raises(SystemExit, match='fewer than one global batch of 100000'):
+        main(['--output', str(tmp_path / 'demo')] + args)
+    assert not (tmp_path / 'demo').exists()
+    with pytest.raises(SystemExit, match='--num-classes 3 is fewer than the 8 classes'):
+        main(['--output', str(tmp_path / 'demo'), '--num-classes', '3'] + args[:-2])
+    assert not (tmp_path / 'demo').exists()
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    (mine / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit, match='fewer than one global batch'):
+        main(['--output', str(mine), '--overwrite'] + args)
+    assert (mine / 'notes.txt').read_text() == 'mine'
 
 
 def test_existing_output_is_never_overwritten(data_dir, tmp_path):

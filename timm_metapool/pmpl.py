@@ -22,7 +22,7 @@ from torch import nn
 from .mobilenetv2_metapool import MetaPoolingMixin
 
 __all__ = [
-    'PMPLConfig', 'FixEvent', 'StepStats', 'PMPLSearch', 'confident_argmax', 'fix_confident_slots',
+    'PMPLConfig', 'InvalidSetting', 'FixEvent', 'StepStats', 'PMPLSearch', 'confident_argmax', 'fix_confident_slots',
     'prune_optimizer', 'build_optimizers',
 ]
 
@@ -89,11 +89,26 @@ class PMPLConfig:
     early_stop: bool = True          # False: never fix mid-search (for the ablation of progressive stopping)
 
     def __post_init__(self):
-        if not 0.0 < self.rho <= 1.0:
-            raise ValueError(f'rho must be in (0, 1], got {self.rho}: it is a margin between probabilities.')
-        for name in ('lr', 'arch_lr'):
-            if not getattr(self, name) > 0:
-                raise ValueError(f'{name} must be positive, got {getattr(self, name)}.')
+        # Checked here, not when the optimizers are built, so that a bad setting stops a run before any work.
+        ranges = (
+            ('lr', self.lr > 0, 'positive'),
+            ('arch_lr', self.arch_lr > 0, 'positive'),
+            ('momentum', 0.0 <= self.momentum < 1.0, 'in [0, 1)'),
+            ('weight_decay', self.weight_decay >= 0, 'at least 0'),
+            ('arch_weight_decay', self.arch_weight_decay >= 0, 'at least 0'),
+            ('rho', 0.0 < self.rho <= 1.0, 'in (0, 1] (a margin between probabilities)'),
+        )
+        for name, in_range, rule in ranges:
+            if not in_range:
+                raise InvalidSetting(name, rule, getattr(self, name))
+
+
+class InvalidSetting(ValueError):
+    """A `PMPLConfig` field out of its range; `name`, `rule` and `value` let a CLI name its own flag."""
+
+    def __init__(self, name: str, rule: str, value):
+        super().__init__(f'{name} must be {rule}, got {value}.')
+        self.name, self.rule, self.value = name, rule, value
 
 
 def build_optimizers(model: MetaPoolingMixin, config: PMPLConfig) -> Tuple[torch.optim.SGD, torch.optim.Adam]:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -27,7 +28,7 @@ import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.data import (
     DatasetSplit, dataset_class_names, dataset_targets, generate_demo_dataset, stratified_split)
 from timm_metapool.ops import OP_NAMES
-from timm_metapool.pmpl import PMPLConfig, PMPLSearch
+from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch
 
 from .search_plot import plot_search
 
@@ -99,16 +100,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _require(in_range: bool, flag: str, rule: str, value) -> None:
+    if not in_range:
+        raise SystemExit(f'error: {flag} must be {rule}, got {value}.')
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Fail before any work with a message naming the bad input and the fix."""
-    if not 0.0 < args.meta_fraction < 1.0:
-        raise SystemExit(f'error: --meta-fraction must be strictly between 0 and 1, got {args.meta_fraction}.')
-    if not 0.0 < args.rho <= 1.0:
-        raise SystemExit(f'error: --rho must be in (0, 1], got {args.rho}.')
-    if args.max_images is not None and args.max_images < 2:
-        raise SystemExit(f'error: --max-images must be at least 2 per class, got {args.max_images}.')
-    if args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit('error: --epochs and --batch-size must be at least 1.')
+    _require(0.0 < args.meta_fraction < 1.0, '--meta-fraction', 'strictly between 0 and 1', args.meta_fraction)
+    if args.max_images is not None:
+        _require(args.max_images >= 2, '--max-images', 'at least 2 per class', args.max_images)
+    for flag in ('--epochs', '--batch-size', '--history-interval', '--recount'):
+        value = getattr(args, flag[2:].replace('-', '_'))
+        _require(value >= 1, flag, 'at least 1', value)
+    for flag in ('--meta-batch-size', '--num-classes', '--in-chans', '--img-size'):
+        value = getattr(args, flag[2:].replace('-', '_'))
+        if value is not None:  # 0 would otherwise pass for "not given"
+            _require(value >= 1, flag, 'at least 1', value)
+    if args.input_size is not None:
+        _require(min(args.input_size) >= 1, '--input-size', 'three sizes of at least 1', args.input_size)
+    _require(args.workers >= 0, '--workers', 'at least 0', args.workers)
+    _require(0 <= args.seed < 2 ** 32, '--seed', 'in [0, 2**32)', args.seed)
+    for flag in ('--reprob', '--hflip', '--vflip'):
+        value = getattr(args, flag[2:])
+        _require(0.0 <= value <= 1.0, flag, 'a probability in [0, 1]', value)
+    for flag in ('--smoothing', '--drop-path'):
+        value = getattr(args, flag[2:].replace('-', '_'))
+        _require(0.0 <= value < 1.0, flag, 'in [0, 1)', value)
+    pmpl_config(args)
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise SystemExit(f"error: --device {args.device!r} is not a torch device; use 'cpu', 'cuda' or "
+                             f"'cuda:N'.") from None
     if args.model not in timm.list_models('mobilenetv2_metapool*'):
         raise SystemExit(f"error: --model {args.model!r} is not a Meta-Pooling model; choose one of "
                          f"{', '.join(timm.list_models('mobilenetv2_metapool*'))}.")
@@ -122,6 +147,17 @@ def check_args(args: argparse.Namespace) -> None:
                          f'reuse it, or choose a new --output.')
     if args.data_dir is not None and args.dataset == '' and not os.path.isdir(args.data_dir):
         raise SystemExit(f'error: --data-dir {args.data_dir!r} does not exist.')
+
+
+def pmpl_config(args: argparse.Namespace) -> PMPLConfig:
+    """Algorithm 1's settings from the command line; one out of range stops the run naming its flag."""
+    try:
+        return PMPLConfig(
+            lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, arch_lr=args.arch_lr,
+            arch_weight_decay=args.arch_weight_decay, rho=args.rho, first_order=args.first_order,
+            early_stop=not args.no_early_stop)
+    except InvalidSetting as e:
+        raise SystemExit(f"error: --{e.name.replace('_', '-')} must be {e.rule}, got {e.value}.") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -321,13 +357,46 @@ def run(args: argparse.Namespace, explicit: Optional[set] = None) -> Dict:
     check_args(args)
     dist_env = Distributed(args.device)
     try:
-        return _run(args, dist_env, resume_state)
+        with removed_if_nothing_saved(args.output, enabled=dist_env.is_main):
+            return _run(args, dist_env, resume_state)
     except FloatingPointError as e:
         checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
         kept = f'Last good checkpoint: {checkpoint}' if os.path.isfile(checkpoint) else 'No epoch had completed.'
         raise SystemExit(f'error: {e} {kept}')
     finally:
         dist_env.close()
+
+
+@contextlib.contextmanager
+def removed_if_nothing_saved(output: str, enabled: bool = True):
+    """Undo what a run wrote into a fresh output dir when it stops before its first checkpoint.
+
+    Data-dependent errors (a batch larger than the split, an unreadable dataset, a NaN loss in the first epoch) come
+    after the demo dataset is generated in OUTPUT/demo_data; left there, it would get the corrected rerun refused
+    for a non-empty output dir. A dir that held anything before the run (`--overwrite`, `--resume`) is left as is.
+    """
+    existed = os.path.isdir(output)
+    fresh = not existed or not os.listdir(output)
+    try:
+        yield
+    except BaseException:
+        if enabled and fresh and not os.path.isfile(os.path.join(output, CHECKPOINT_NAME)):
+            _remove_run_output(output, keep_dir=existed)
+        raise
+
+
+def _remove_run_output(output: str, keep_dir: bool) -> None:
+    if not os.path.isdir(output):
+        return
+    for entry in os.listdir(output):
+        path = os.path.join(output, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    if not keep_dir:
+        os.rmdir(output)
+    print(f'(nothing had been saved: removed what this run wrote in {output!r})', file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional[Dict]) -> Dict:
@@ -345,6 +414,9 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
 
     train_set, meta_set, found_classes = make_datasets(args)
     num_classes = args.num_classes or found_classes
+    if num_classes < found_classes:
+        raise SystemExit(f'error: --num-classes {num_classes} is fewer than the {found_classes} classes of the training '
+                         f'split; leave it out to use the dataset\'s count.')
     seed_everything(args.seed)
     model_kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path)
     if args.in_chans:
@@ -356,10 +428,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         model.to(memory_format=torch.channels_last)
     train_loader, meta_loader = make_loaders(args, train_set, meta_set, data_config, dist_env)
 
-    config = PMPLConfig(
-        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, arch_lr=args.arch_lr,
-        arch_weight_decay=args.arch_weight_decay, rho=args.rho, first_order=args.first_order,
-        early_stop=not args.no_early_stop)
+    config = pmpl_config(args)
     amp_dtype = getattr(torch, args.amp_dtype)
     autocast = (lambda: torch.autocast(dist_env.device.type, dtype=amp_dtype)) if args.amp else contextlib.nullcontext
     scaler = torch.amp.GradScaler(dist_env.device.type) if args.amp and amp_dtype == torch.float16 else None
