@@ -287,6 +287,14 @@ def test_genotype_flag_disagreeing_with_checkpoint(work, trained):
                       '--genotype', _genotype_with(1, 'skip').to_string()])
 
 
+@pytest.mark.parametrize('repo_id', ['my org/mp035', 'a/b/c', 'org/mp035-'])
+def test_bad_repo_id_is_refused_before_anything_is_written(work, trained, repo_id):
+    out = work / 'bad_repo_id'
+    with pytest.raises(SystemExit, match='is not a Hugging Face repo id.*ORG/NAME'):
+        publish.main(['--checkpoint', str(trained[1]), '--model', MODEL, '--out', str(out), '--repo-id', repo_id])
+    assert not out.exists()
+
+
 def test_push_without_credentials(work, trained):
     out = work / 'push_export'
     proc = subprocess.run(

@@ -28,7 +28,7 @@ __all__ = [
     'PAPER_CITATION', 'TrainedCheckpoint', 'GenotypeMismatchError', 'load_trained_checkpoint',
     'enhancer_slot_names', 'fixed_state_dict', 'verify_state_dict', 'checkpoint_filter_fn',
     'parse_checkpoint_genotype', 'build_model_for_weights', 'read_metrics', 'render_model_card', 'export_for_hub',
-    'check_push_credentials', 'push_export',
+    'check_repo_id', 'check_push_credentials', 'push_export',
 ]
 
 # Title and authors as printed on the paper; add the venue and year from the publisher's page when citing.
@@ -339,6 +339,8 @@ def export_for_hub(
         raise ValueError('The model has open search slots; fix them (model.fix_to_genotype()) before exporting.')
     if search_plot is not None and not os.path.isfile(search_plot):
         raise FileNotFoundError(f'Search plot {str(search_plot)!r} does not exist.')
+    if repo_id is not None:
+        check_repo_id(repo_id)  # the model card's load line names it
     model_name = model_name or model.pretrained_cfg['architecture']
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
@@ -361,6 +363,18 @@ def export_for_hub(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if the Hub would take it ('ORG/NAME' or 'NAME'); a ValueError saying why not, before any work."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f'{repo_id!r} is not a Hugging Face repo id: {e} Give ORG/NAME, e.g. me/mnv2-metapool.') \
+            from None
+    return repo_id
 
 
 def check_push_credentials(token: Optional[str] = None) -> str:
@@ -392,6 +406,7 @@ def push_export(
     from huggingface_hub import HfApi
     from timm import __version__ as timm_version
 
+    check_repo_id(repo_id)
     token = check_push_credentials(token)
     api = HfApi(token=token, library_name='timm', library_version=timm_version)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

@@ -84,6 +84,8 @@ def publish(args: argparse.Namespace) -> str:
 
     if args.push and not args.repo_id:
         raise ValueError('--push needs --repo-id ORG/NAME.')
+    if args.repo_id:
+        hub.check_repo_id(args.repo_id)
     token = hub.check_push_credentials(args.token) if args.push else None
     if Path(args.out).exists():
         raise FileExistsError(f'Output directory {args.out!r} already exists; give a new --out (nothing was written).')
