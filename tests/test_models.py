@@ -94,6 +94,10 @@ def test_fix_to_genotype_rejects_conflicts():
         model.fix_slot(0, 'skip')
     with pytest.raises(ValueError, match='16 enhancer slots'):
         model.fix_to_genotype('skip,skip')
+    for index in (16, -1):  # -1 would silently fix slot 15 and be logged as slot -1
+        with pytest.raises(IndexError, match=f'Slot {index} does not exist.*16 enhancer slots, 0 to 15'):
+            model.fix_slot(index, 'avg3')
+    assert model.open_slots() == list(range(1, 16))
 
 
 def test_genotype_forms_and_errors_through_create_model(tmp_path):

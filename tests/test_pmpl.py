@@ -197,6 +197,11 @@ def test_float16_overflow_skips_the_whole_iteration():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_search_refuses_a_model_without_enhancer_slots():
+    with pytest.raises(TypeError, match="Meta-Pooling model.*mobilenetv2_metapool_.*got EfficientNet"):
+        PMPLSearch(timm.create_model('mobilenetv2_100'), PMPLConfig())
+
+
 def test_config_rejects_out_of_range_settings():
     with pytest.raises(ValueError, match=r'rho must be in \(0, 1\]'):
         PMPLConfig(rho=0.0)

@@ -106,7 +106,11 @@ class MetaPoolingMixin:
 
         The replaced slot holds the bare op, so the state_dict matches a model built from the final genotype.
         """
-        block = self.enhancer_blocks()[index]
+        blocks = self.enhancer_blocks()
+        if not 0 <= index < len(blocks):  # negative indices too: fix events and logs name slots by their index
+            raise IndexError(f'Slot {index} does not exist: this model has {len(blocks)} enhancer slots, '
+                             f'0 to {len(blocks) - 1}.')
+        block = blocks[index]
         slot = block.se
         if not isinstance(slot, MetaPooling):
             raise ValueError(f'Slot {index} is already fixed to {op_name_of(slot)!r}.')

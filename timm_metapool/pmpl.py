@@ -161,6 +161,9 @@ class PMPLSearch:
             autocast: Callable[[], ContextManager] = contextlib.nullcontext,
             grad_scaler: Optional[torch.amp.GradScaler] = None,
     ):
+        if not isinstance(model, MetaPoolingMixin):
+            raise TypeError(f'PMPLSearch searches a Meta-Pooling model (timm.create_model(\'mobilenetv2_metapool_*\') '
+                            f'after `import timm_metapool`); got {type(model).__name__}.')
         self.model = model
         self.config = config
         self.loss_fn = loss_fn
