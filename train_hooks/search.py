@@ -105,28 +105,28 @@ def _require(in_range: bool, flag: str, rule: str, value) -> None:
         raise SystemExit(f'error: {flag} must be {rule}, got {value}.')
 
 
+def _flag_value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag[2:].replace('-', '_'))
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Fail before any work with a message naming the bad input and the fix."""
     _require(0.0 < args.meta_fraction < 1.0, '--meta-fraction', 'strictly between 0 and 1', args.meta_fraction)
     if args.max_images is not None:
         _require(args.max_images >= 2, '--max-images', 'at least 2 per class', args.max_images)
     for flag in ('--epochs', '--batch-size', '--history-interval', '--recount'):
-        value = getattr(args, flag[2:].replace('-', '_'))
-        _require(value >= 1, flag, 'at least 1', value)
+        _require(_flag_value(args, flag) >= 1, flag, 'at least 1', _flag_value(args, flag))
     for flag in ('--meta-batch-size', '--num-classes', '--in-chans', '--img-size'):
-        value = getattr(args, flag[2:].replace('-', '_'))
-        if value is not None:  # 0 would otherwise pass for "not given"
-            _require(value >= 1, flag, 'at least 1', value)
+        if _flag_value(args, flag) is not None:  # 0 would otherwise pass for "not given"
+            _require(_flag_value(args, flag) >= 1, flag, 'at least 1', _flag_value(args, flag))
     if args.input_size is not None:
         _require(min(args.input_size) >= 1, '--input-size', 'three sizes of at least 1', args.input_size)
     _require(args.workers >= 0, '--workers', 'at least 0', args.workers)
     _require(0 <= args.seed < 2 ** 32, '--seed', 'in [0, 2**32)', args.seed)
     for flag in ('--reprob', '--hflip', '--vflip'):
-        value = getattr(args, flag[2:])
-        _require(0.0 <= value <= 1.0, flag, 'a probability in [0, 1]', value)
+        _require(0.0 <= _flag_value(args, flag) <= 1.0, flag, 'a probability in [0, 1]', _flag_value(args, flag))
     for flag in ('--smoothing', '--drop-path'):
-        value = getattr(args, flag[2:].replace('-', '_'))
-        _require(0.0 <= value < 1.0, flag, 'in [0, 1)', value)
+        _require(0.0 <= _flag_value(args, flag) < 1.0, flag, 'in [0, 1)', _flag_value(args, flag))
     pmpl_config(args)
     if args.device is not None:
         try:
