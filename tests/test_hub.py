@@ -205,6 +205,15 @@ def test_weights_for_another_genotype_name_the_first_slot(trained):
     assert "'global' enhancer weights" in message and "'avg3'" in message
 
 
+def test_weights_of_another_width_are_named_as_such(export_dir):
+    # Same genotype, same keys: only the shapes say the weights are MobileNetV2-0.35's, not -0.5's.
+    with pytest.raises(GenotypeMismatchError, match=r"slot \d+ \(.*\) holds 'global' weights of other shapes.*"
+                                                    r"another model width.*architecture"):
+        timm.create_model('mobilenetv2_metapool_050', num_classes=NUM_CLASSES, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(export_dir / 'model.safetensors'),
+                                                      num_classes=NUM_CLASSES))
+
+
 def test_parameter_free_genotype_difference_caught_from_metadata(export_dir):
     # avg and max pooling have the same (no) weights: only the genotype in the safetensors metadata tells them apart.
     slot = next(i for i, op in enumerate(GENOTYPE) if op != 'global')

@@ -164,13 +164,21 @@ def verify_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
     for index, (block_name, op_name, slot) in enumerate(zip(enhancer_slot_names(model), genotype, slots)):
         have = _slot_state(state_dict, block_name)
         want = slot.state_dict()
-        fits = have.keys() == want.keys() and all(have[k].shape == want[k].shape for k in want)
-        if not fits:
+        if have.keys() == want.keys():
+            resized = [k for k in sorted(want) if have[k].shape != want[k].shape]
+            if resized:
+                key = resized[0]
+                raise GenotypeMismatchError(
+                    f'Enhancer slot {index} ({block_name}) holds {op_name!r} weights of other shapes than this '
+                    f'model\'s ({key}: {tuple(have[key].shape)} in the checkpoint, {tuple(want[key].shape)} here): '
+                    f'the weights were made for another model width. Build the architecture they were trained as '
+                    f'(config.json "architecture").')
+        else:
             raise GenotypeMismatchError(
                 f'Enhancer slot {index} ({block_name}): the checkpoint holds {_describe_slot_weights(have)}, but '
                 f'the genotype asks for {op_name!r}, which needs {_describe_slot_weights(want)}. The weights were '
-                f'trained with another genotype (or another model width): build the model with the genotype '
-                f'stored with the weights (config.json model_args.genotype, or the safetensors metadata).')
+                f'trained with another genotype: build the model with the genotype stored with the weights '
+                f'(config.json model_args.genotype, or the safetensors metadata).')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
