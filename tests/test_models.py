@@ -218,6 +218,17 @@ def test_torch_export_fixed_model(genotype):
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('genotype', [None, 'random:0'])
+def test_meta_device_shapes(genotype):
+    # Shape inference and lazy initialisation run on the 'meta' device, which has no autocast to switch off.
+    model = timm.create_model('mobilenetv2_metapool_035', genotype=genotype, num_classes=7, device='meta')
+    x = torch.randn(2, 3, 48, 40, device='meta')
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == (2, 7) and out.device.type == 'meta'
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)
+
+
 def test_package_exports():
     assert timm_metapool.OP_NAMES == ('skip', 'global', 'max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7')
     assert isinstance(timm.create_model('mobilenetv2_metapool_035').enhancer_slots()[0], MetaPooling)

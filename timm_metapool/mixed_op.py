@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, layout_of, local_layout,
+from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, autocast_off, create_op, layout_of, local_layout,
                   plain_forward_of, pool_kernel_size)
 
 __all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
@@ -234,7 +234,7 @@ class MetaPooling(nn.Module):
         local_x = local_layout(x)  # the output keeps this layout (module docstring)
         # The local terms stand for pooling, which keeps x's dtype under autocast: their kernel arithmetic and convs
         # must not be cast to half precision (nor their output, which the other terms are added into).
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             out = self._linear_term(local_x, weights)
             out = self._max_terms(local_x, weights, out)
         if self._global_idx is not None:

@@ -3,8 +3,9 @@
 `skip` is "no enhancer"; `max{3,5,7}` / `avg{3,5,7}` are the Local Context Enhancers (stride-1 pooling, same
 output size); `global` is the Global Context Enhancer (spatial separable pooling, Coordinate-Attention structure).
 """
+import contextlib
 from functools import lru_cache
-from typing import Callable, Optional, Tuple, Type
+from typing import Callable, ContextManager, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -351,8 +352,16 @@ def _box_filter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
 def _box_filter_eager(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     # Pooling keeps x's dtype under autocast; a conv would be cast to half precision (a float32 map would come out
     # as bfloat16, and its backward would meet tensors of two dtypes).
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return _box_filter(x, kernel_size)
+
+
+def autocast_off(device_type: str) -> ContextManager:
+    """Autocast disabled on `device_type`; nothing to disable where the device has no autocast (e.g. 'meta',
+    which shape inference and lazy initialisation run on), where `torch.autocast` itself would raise."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def local_layout(x: torch.Tensor) -> torch.Tensor:
