@@ -17,7 +17,8 @@ from timm.utils.model import reparameterize_model
 
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
-from timm_metapool.mixed_op import MetaPooling, _SharedDepthwiseConv, _dot, linear_pool_basis
+from timm_metapool.mixed_op import (
+    MetaPooling, _SharedDepthwiseConv, _WeightedMaxChain, _dot, linear_pool_basis)
 from timm_metapool.ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, directional_means,
                                 pool_kernel_size, sum_over_height, sum_over_width)
 
@@ -104,6 +105,32 @@ def test_max_chain_matches_max_pool(shape):
     weights = mp.probabilities().detach()
     expected = sum(w * F.max_pool2d(x, k, stride=1, padding=k // 2) for w, k in zip(weights, (3, 5, 7)))
     torch.testing.assert_close(mp(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES)
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('chain', [(0, 1, 2), (None, 0), (0, None, 1), (None, None, 0)])  # as MetaPooling builds
+def test_max_chain_function_in_either_layout(chain, layout, shape):
+    """The chained max pools against autograd through PyTorch's pooling, with x in either layout: on CPU the mixed
+    op hands them a channels-last map, elsewhere (CUDA) the map as it comes, which this covers on CPU."""
+    x = distinct_input(shape, dtype=torch.float64).contiguous(memory_format=layout)
+    weights = torch.tensor([0.5, -1.25, 2.0], dtype=torch.float64)[:sum(i is not None for i in chain)]
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        wi = weights.clone().requires_grad_(True)
+        if fused:
+            out = _WeightedMaxChain.apply(torch.zeros_like(xi), xi, wi, chain)
+        else:
+            out, level = torch.zeros_like(xi), xi
+            for i in chain:
+                level = F.max_pool2d(level, 3, stride=1, padding=1)
+                out = out + wi[i] * level if i is not None else out
+        (out * g).sum().backward()
+        results.append((out.detach(), xi.grad, wi.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 16, 16), (1, 2, 3, 8)])
