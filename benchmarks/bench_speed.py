@@ -38,7 +38,7 @@ BASELINE = 'mobilenetv2_100'
 METAPOOL = 'mobilenetv2_metapool_100'
 MIXED_OP_SHAPES = [(16, 96, 112, 112), (128, 96, 16, 16)]
 TRAIN_SETTINGS = [(224, 16), (32, 128)]  # (resolution, batch)
-FIXED_LOCAL_GENOTYPES = ['avg3', 'max3', 'max7']
+FIXED_LOCAL_GENOTYPES = ['avg3', 'avg7', 'max3', 'max7']
 
 
 class Row:

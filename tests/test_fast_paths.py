@@ -5,6 +5,7 @@ the literal Eq. 1 sum (`MetaPooling.forward_plain`), a conv-based Coordinate-Att
 the un-rewritten model for the deploy rewrite.
 """
 import itertools
+import math
 from typing import Optional, Sequence, Tuple
 
 import pytest
@@ -19,8 +20,8 @@ import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
 from timm_metapool.mixed_op import (
     MetaPooling, _SharedDepthwiseConv, _WeightedMaxChain, _dot, linear_pool_basis)
-from timm_metapool.ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, create_op, directional_means,
-                                pool_kernel_size, sum_over_height, sum_over_width)
+from timm_metapool.ops import (_BOX_FILTER_MIN_NUMEL, OP_NAMES, GlobalContextEnhancer, apply_gates, create_op,
+                               directional_means, pool_kernel_size, sum_over_height, sum_over_width)
 
 SMALL_SHAPES = [(2, 8, 9, 7), (3, 5, 1, 1), (2, 6, 2, 3), (1, 4, 5, 1)]
 
@@ -133,7 +134,17 @@ def test_max_chain_function_in_either_layout(chain, layout, shape):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 16, 16), (1, 2, 3, 8)])
+# Maps of at least `_BOX_FILTER_MIN_NUMEL` elements, where `avgK` runs as a box-kernel conv on CPU: odd sizes, and
+# maps narrower than the window (the kernel cropped to `reachable_window`, 1x1 included).
+BOX_FILTER_SHAPES = [(2, 64, 10, 7), (4, 1024, 2, 1), (1, 8192, 1, 1)]
+
+
+def test_box_filter_shapes_reach_the_conv():
+    assert min(math.prod(shape) for shape in BOX_FILTER_SHAPES) >= _BOX_FILTER_MIN_NUMEL
+    assert max(math.prod(shape) for shape in SMALL_SHAPES) < _BOX_FILTER_MIN_NUMEL
+
+
+@pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 16, 16), (1, 2, 3, 8)] + BOX_FILTER_SHAPES)
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('name', ['max3', 'max5', 'max7', 'avg3', 'avg5', 'avg7'])
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:FutureWarning')

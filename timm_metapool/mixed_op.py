@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, autocast_off, create_op, layout_of, local_layout,
-                  plain_forward_of, pool_kernel_size)
+                  plain_forward_of, pool_kernel_size, reachable_window)
 
 __all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
 
@@ -255,10 +255,10 @@ class MetaPooling(nn.Module):
         if masks.shape[-1] == 1:  # `skip` alone
             return weights[self._linear_idx[0]] * x
         kernel = torch.tensordot(weights[self._linear_idx] / self.linear_areas.to(x.dtype), masks, dims=1)
-        # Taps farther from the centre than the map is wide only ever meet zero padding: dropping them is exact and
-        # saves most of the work on the small late-stage maps (a 1x1 map needs a single scale).
+        # Dropping the taps that only ever meet zero padding saves most of the work on the small late-stage maps (a
+        # 1x1 map needs a single scale).
         size = kernel.shape[-1]
-        kh, kw = min(size, 2 * x.shape[2] - 1), min(size, 2 * x.shape[3] - 1)
+        kh, kw = reachable_window(size, x.shape[2], x.shape[3])
         kernel = kernel[(size - kh) // 2:(size + kh) // 2, (size - kw) // 2:(size + kw) // 2]
         if kh == kw == 1:
             return x * kernel[0, 0]

@@ -327,25 +327,44 @@ def pool_kernel_size(op_name: str) -> int:
     return int(op_name[3:])
 
 
+# Measured crossover (fwd and fwd+bwd, batch 1 to 8, kernels 3 to 7): the pool wins below ~6k elements, the conv
+# from ~8k.
+_BOX_FILTER_MIN_NUMEL = 8192
+
+
 def same_size_avg_pool(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Stride-1 average pooling with zero padding counted (`avgK`): `F.avg_pool2d(x, k, 1, k // 2)`.
 
-    On CPU it runs as a depthwise conv with a constant box kernel, the same sums: PyTorch's CPU `avg_pool2d` and its
-    backward measured 6x to 7x slower than oneDNN's depthwise conv at MobileNetV2's expanded shapes (2-core x86).
+    On CPU, maps of at least `_BOX_FILTER_MIN_NUMEL` elements run as a depthwise conv with a constant box kernel,
+    the same sums: PyTorch's CPU `avg_pool2d` and its backward measured 3x to 15x slower than oneDNN's depthwise
+    conv at MobileNetV2's expanded shapes (2-core x86). Smaller maps keep `avg_pool2d`: there the conv's fixed cost
+    (~0.1 ms a call, 0.3 ms with its backward) is the larger one.
     """
-    if x.device.type != 'cpu':
+    if not _box_filter_pays_off(x):
         return F.avg_pool2d(x, kernel_size, 1, kernel_size // 2, count_include_pad=True)
     if torch.jit.is_scripting():  # TorchScript runs no autocast
         return _box_filter(x, kernel_size)
     return _box_filter_eager(x, kernel_size)
 
 
+def _box_filter_pays_off(x: torch.Tensor, min_numel: int = _BOX_FILTER_MIN_NUMEL) -> bool:
+    # The threshold comes in as a default argument: TorchScript reads no module-level ints.
+    return x.device.type == 'cpu' and x.numel() >= min_numel
+
+
+def reachable_window(kernel_size: int, height: int, width: int) -> Tuple[int, int]:
+    """The part of a centred k x k window that can reach an H x W map from inside it: min(k, 2H - 1) x
+    min(k, 2W - 1). Its other taps only ever meet padding, zeros for average pooling, so dropping them is exact;
+    oneDNN's depthwise conv with a kernel larger than the map was 30x to 100x slower than the cropped one."""
+    return min(kernel_size, 2 * height - 1), min(kernel_size, 2 * width - 1)
+
+
 def _box_filter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """`avgK` as a depthwise conv with a constant 1/k^2 kernel, zero padding k // 2."""
+    """`avgK` as a depthwise conv with a constant 1/k^2 kernel (cropped to `reachable_window`), zero padding."""
     channels = x.shape[1]
-    box = torch.full((channels, 1, kernel_size, kernel_size), 1. / (kernel_size * kernel_size),
-                     dtype=x.dtype, device=x.device)
-    return F.conv2d(x, box, None, 1, kernel_size // 2, 1, channels)
+    kh, kw = reachable_window(kernel_size, x.shape[2], x.shape[3])
+    box = torch.full((channels, 1, kh, kw), 1. / (kernel_size * kernel_size), dtype=x.dtype, device=x.device)
+    return F.conv2d(x, box, None, [1, 1], [kh // 2, kw // 2], [1, 1], channels)
 
 
 @torch.jit.unused
