@@ -13,8 +13,8 @@ from torch import nn
 
 __all__ = [
     'OP_NAMES', 'LOCAL_OP_NAMES', 'AvgPoolEnhancer', 'GlobalContextEnhancer', 'MaxPoolEnhancer', 'apply_gates',
-    'create_op', 'directional_means', 'op_name_of', 'plain_forward_of', 'pool_kernel_size', 'same_size_avg_pool',
-    'same_size_max_pool', 'sum_over_height', 'sum_over_width',
+    'autocast_off', 'create_op', 'directional_means', 'op_name_of', 'plain_forward_of', 'pool_kernel_size',
+    'reachable_window', 'same_size_avg_pool', 'same_size_max_pool', 'sum_over_height', 'sum_over_width',
 ]
 
 # Canonical order: architecture logits, genotypes and saved files all index candidates by this order.
