@@ -19,7 +19,7 @@ from timm.utils.model import reparameterize_model
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
 from timm_metapool.mixed_op import (
-    MetaPooling, _SharedDepthwiseConv, _WeightedMaxChain, _dot, linear_pool_basis)
+    MetaPooling, _BoxMixtureConv, _WeightedMaxChain, _dot, linear_pool_basis)
 from timm_metapool.ops import (_BOX_FILTER_MIN_NUMEL, OP_NAMES, GlobalContextEnhancer, apply_gates, create_op,
                                directional_means, pool_kernel_size, sum_over_height, sum_over_width)
 
@@ -75,15 +75,24 @@ def test_linear_basis_matches_avg_pool(shape):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('shape', [(1, 2, 4, 3), (2, 3, 1, 1), (1, 2, 5, 1)])
-def test_shared_depthwise_conv_gradcheck(shape):
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    kernel = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)  # not symmetric: the backward must not assume it
-    assert torch.autograd.gradcheck(_SharedDepthwiseConv.apply, (x, kernel))
-    # and the kernel gradient is skipped, not wrong, when the kernel needs none
-    out = _SharedDepthwiseConv.apply(x, kernel.detach())
+@pytest.mark.parametrize('shape', [(1, 2, 4, 3), (2, 3, 1, 1), (1, 2, 5, 1), (2, 3, 7, 6)])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_box_mixture_conv_gradcheck(layout, shape):
+    # The coefficients' gradients are window sums of x dotted with the output gradient, not a contracted kernel
+    # gradient; gradcheck compares both gradients with finite differences. Masks cropped as MetaPooling crops them.
+    names = ('skip', 'avg3', 'avg7')
+    masks, _ = linear_pool_basis(names)
+    size = masks.shape[-1]
+    kh, kw = min(size, 2 * shape[2] - 1), min(size, 2 * shape[3] - 1)
+    masks = masks[:, (size - kh) // 2:(size + kh) // 2, (size - kw) // 2:(size + kw) // 2].double()
+    sizes = tuple(1 if n == 'skip' else pool_kernel_size(n) for n in names)
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(True)
+    coeffs = torch.randn(len(names), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, c: _BoxMixtureConv.apply(x, c, masks, sizes), (x, coeffs))
+    # and the coefficients' gradient is skipped, not wrong, when they need none
+    out = _BoxMixtureConv.apply(x, coeffs.detach(), masks, sizes)
     out.sum().backward()
-    assert x.grad is not None and kernel.grad is None
+    assert x.grad is not None and coeffs.grad is None
 
 
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, autocast_off, create_op, layout_of, local_layout,
-                  plain_forward_of, pool_kernel_size, reachable_window)
+from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, autocast_off, box_filter, create_op, layout_of,
+                  local_layout, plain_forward_of, pool_kernel_size, reachable_window)
 
 __all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
 
@@ -41,6 +41,11 @@ def mixed_op_plain(x: torch.Tensor, weights: torch.Tensor,
     return out
 
 
+def _window_size(linear_op_name: str) -> int:
+    """Side of a linear candidate's window: 1 for `skip`, k for `avgK`."""
+    return 1 if linear_op_name == 'skip' else pool_kernel_size(linear_op_name)
+
+
 def linear_pool_basis(op_names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Supports and areas of the linear candidates (`skip`, `avgK`), centred in a common KxK window.
 
@@ -49,7 +54,7 @@ def linear_pool_basis(op_names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tens
     masks[i] / areas[i] (count_include_pad=True is exactly zero padding). Both are integers, exact in any dtype, so
     the division happens in the input's dtype as in `avg_pool2d`.
     """
-    sizes = [1 if name == 'skip' else pool_kernel_size(name) for name in op_names]
+    sizes = [_window_size(name) for name in op_names]
     size = max(sizes, default=1)
     masks = torch.zeros(len(sizes), size, size)
     for i, k in enumerate(sizes):
@@ -58,40 +63,42 @@ def linear_pool_basis(op_names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tens
     return masks, torch.tensor([float(k * k) for k in sizes])
 
 
-class _SharedDepthwiseConv(torch.autograd.Function):
-    """Depthwise conv of x with one odd-sized (KH, KW) kernel shared by every channel, zero padding (KH // 2, KW // 2).
+class _BoxMixtureConv(torch.autograd.Function):
+    """Depthwise conv of x with the kernel sum_m coeffs[m] * masks[m], shared by every channel, zero padding.
 
-    Autograd's own backward would compute the per-channel weight gradient in x's layout, which on CPU for NCHW
-    maps is one to two orders of magnitude slower than the conv itself (oneDNN's depthwise weight-gradient kernel is
-    only fast in channels-last). Here the kernel gradient is taken in channels-last and summed over channels, and
-    only when the kernel needs it: in PMPL's weight pass alpha is frozen, so that work is skipped entirely.
+    masks[m] is the (cropped) centred window of ones of a `skip` / `avgK` candidate, of side `sizes[m]`. Only the
+    coefficients need a gradient, not the kernel: d/dcoeffs[m] = <grad, window sums of x>, one box-sum conv (a
+    forward conv) and one dot product per candidate. Autograd would take the per-channel kernel gradient with
+    oneDNN's depthwise weight-gradient kernel and contract it with the masks: for a 7x7 kernel that measured 1.6x
+    (224 px maps) to 16x (a 7x7 map of 960 channels) slower on CPU, in either layout. When the coefficients need
+    no gradient (alpha frozen, as in PMPL's weight pass), only x's gradient is computed.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        weight = kernel.expand(channels, 1, *kernel.shape)
+    def forward(ctx, x: torch.Tensor, coeffs: torch.Tensor, masks: torch.Tensor,
+                sizes: Tuple[int, ...]) -> torch.Tensor:
+        channels, kh, kw = x.shape[1], masks.shape[1], masks.shape[2]
+        weight = torch.tensordot(coeffs, masks, dims=1).expand(channels, 1, kh, kw)
         ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, padding=(kernel.shape[0] // 2, kernel.shape[1] // 2), groups=channels)
+        ctx.sizes = sizes
+        return F.conv2d(x, weight, padding=(kh // 2, kw // 2), groups=channels)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x, weight = ctx.saved_tensors
         channels, kh, kw = x.shape[1], weight.shape[2], weight.shape[3]
-        conv_args = ([1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], channels)
-        grad_x = grad_kernel = None
-        if ctx.needs_input_grad[1]:  # one call for both gradients, in channels-last (see the class docstring)
-            channels_last = torch.channels_last
-            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad_out.contiguous(memory_format=channels_last), x.contiguous(memory_format=channels_last),
-                weight.contiguous(), None, *conv_args, [ctx.needs_input_grad[0], True, False])
-            grad_kernel = grad_weight.sum(dim=(0, 1))
-        elif ctx.needs_input_grad[0]:
+        grad_out = grad_out.contiguous(memory_format=layout_of(x))
+        grad_x = grad_coeffs = None
+        if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad_out.contiguous(memory_format=layout_of(x)), x, weight, None, *conv_args,
+                grad_out, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], channels,
                 [True, False, False])[0]
-        return grad_x, grad_kernel
+        if ctx.needs_input_grad[1]:
+            with autocast_off(x.device.type):  # the window sums in x's dtype, as the forward ran
+                grad_coeffs = torch.stack([_dot(grad_out, x if k == 1 else box_filter(x, k, 1.))
+                                           for k in ctx.sizes])
+        return grad_x, grad_coeffs, None, None
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -195,6 +202,7 @@ class MetaPooling(nn.Module):
             [_MAX_OP_NAMES.index(n) + 1 for n in _MAX_OP_NAMES if n in index], default=0)]]
         self._global_idx = index.get('global')
         # Not persistent: derived from op_names, so state_dicts stay those of the plain module.
+        self._linear_sizes = tuple(_window_size(self.op_names[i]) for i in self._linear_idx)
         masks, areas = linear_pool_basis([self.op_names[i] for i in self._linear_idx])
         self.register_buffer('linear_masks', masks.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer('linear_areas', areas.to(device=device, dtype=dtype), persistent=False)
@@ -254,15 +262,15 @@ class MetaPooling(nn.Module):
         masks = self.linear_masks.to(x.dtype)
         if masks.shape[-1] == 1:  # `skip` alone
             return weights[self._linear_idx[0]] * x
-        kernel = torch.tensordot(weights[self._linear_idx] / self.linear_areas.to(x.dtype), masks, dims=1)
+        coeffs = weights[self._linear_idx] / self.linear_areas.to(x.dtype)
         # Dropping the taps that only ever meet zero padding saves most of the work on the small late-stage maps (a
-        # 1x1 map needs a single scale).
-        size = kernel.shape[-1]
+        # 1x1 map needs a single scale: every window's centre).
+        size = masks.shape[-1]
         kh, kw = reachable_window(size, x.shape[2], x.shape[3])
-        kernel = kernel[(size - kh) // 2:(size + kh) // 2, (size - kw) // 2:(size + kw) // 2]
         if kh == kw == 1:
-            return x * kernel[0, 0]
-        return _SharedDepthwiseConv.apply(x, kernel)
+            return x * coeffs.sum()
+        masks = masks[:, (size - kh) // 2:(size + kh) // 2, (size - kw) // 2:(size + kw) // 2]
+        return _BoxMixtureConv.apply(x, coeffs, masks, self._linear_sizes)
 
     def _max_terms(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Adds pi_k * maxK(x) for the max candidates, each larger window one more 3x3 pass over the previous."""

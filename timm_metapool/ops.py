@@ -13,8 +13,9 @@ from torch import nn
 
 __all__ = [
     'OP_NAMES', 'LOCAL_OP_NAMES', 'AvgPoolEnhancer', 'GlobalContextEnhancer', 'MaxPoolEnhancer', 'apply_gates',
-    'autocast_off', 'create_op', 'directional_means', 'op_name_of', 'plain_forward_of', 'pool_kernel_size',
-    'reachable_window', 'same_size_avg_pool', 'same_size_max_pool', 'sum_over_height', 'sum_over_width',
+    'autocast_off', 'box_filter', 'create_op', 'directional_means', 'op_name_of', 'plain_forward_of',
+    'pool_kernel_size', 'reachable_window', 'same_size_avg_pool', 'same_size_max_pool', 'sum_over_height',
+    'sum_over_width',
 ]
 
 # Canonical order: architecture logits, genotypes and saved files all index candidates by this order.
@@ -359,12 +360,17 @@ def reachable_window(kernel_size: int, height: int, width: int) -> Tuple[int, in
     return min(kernel_size, 2 * height - 1), min(kernel_size, 2 * width - 1)
 
 
-def _box_filter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """`avgK` as a depthwise conv with a constant 1/k^2 kernel (cropped to `reachable_window`), zero padding."""
+def box_filter(x: torch.Tensor, kernel_size: int, value: float) -> torch.Tensor:
+    """`value` times the sum of x over each centred k x k window, zero padding: a depthwise conv with a constant
+    kernel, cropped to `reachable_window`. With value 1/k^2 it is `avgK`."""
     channels = x.shape[1]
     kh, kw = reachable_window(kernel_size, x.shape[2], x.shape[3])
-    box = torch.full((channels, 1, kh, kw), 1. / (kernel_size * kernel_size), dtype=x.dtype, device=x.device)
+    box = torch.full((channels, 1, kh, kw), value, dtype=x.dtype, device=x.device)
     return F.conv2d(x, box, None, [1, 1], [kh // 2, kw // 2], [1, 1], channels)
+
+
+def _box_filter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    return box_filter(x, kernel_size, 1. / (kernel_size * kernel_size))
 
 
 @torch.jit.unused
