@@ -201,8 +201,8 @@ class MetaPooling(nn.Module):
         self._max_idx = [index.get(n) for n in _MAX_OP_NAMES[:max(
             [_MAX_OP_NAMES.index(n) + 1 for n in _MAX_OP_NAMES if n in index], default=0)]]
         self._global_idx = index.get('global')
-        # Not persistent: derived from op_names, so state_dicts stay those of the plain module.
         self._linear_sizes = tuple(_window_size(self.op_names[i]) for i in self._linear_idx)
+        # Not persistent: derived from op_names, so state_dicts stay those of the plain module.
         masks, areas = linear_pool_basis([self.op_names[i] for i in self._linear_idx])
         self.register_buffer('linear_masks', masks.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer('linear_areas', areas.to(device=device, dtype=dtype), persistent=False)
