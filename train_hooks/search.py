@@ -100,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_range(flag: str, rule: str, value) -> SystemExit:
+    return SystemExit(f'error: {flag} must be {rule}, got {value}.')
+
+
 def _require(in_range: bool, flag: str, rule: str, value) -> None:
     if not in_range:
-        raise SystemExit(f'error: {flag} must be {rule}, got {value}.')
+        raise _out_of_range(flag, rule, value)
 
 
 def _flag_value(args: argparse.Namespace, flag: str):
@@ -115,18 +119,22 @@ def check_args(args: argparse.Namespace) -> None:
     if args.max_images is not None:
         _require(args.max_images >= 2, '--max-images', 'at least 2 per class', args.max_images)
     for flag in ('--epochs', '--batch-size', '--history-interval', '--recount'):
-        _require(_flag_value(args, flag) >= 1, flag, 'at least 1', _flag_value(args, flag))
+        value = _flag_value(args, flag)
+        _require(value >= 1, flag, 'at least 1', value)
     for flag in ('--meta-batch-size', '--num-classes', '--in-chans', '--img-size'):
-        if _flag_value(args, flag) is not None:  # 0 would otherwise pass for "not given"
-            _require(_flag_value(args, flag) >= 1, flag, 'at least 1', _flag_value(args, flag))
+        value = _flag_value(args, flag)
+        if value is not None:  # 0 would otherwise pass for "not given"
+            _require(value >= 1, flag, 'at least 1', value)
     if args.input_size is not None:
         _require(min(args.input_size) >= 1, '--input-size', 'three sizes of at least 1', args.input_size)
     _require(args.workers >= 0, '--workers', 'at least 0', args.workers)
     _require(0 <= args.seed < 2 ** 32, '--seed', 'in [0, 2**32)', args.seed)
     for flag in ('--reprob', '--hflip', '--vflip'):
-        _require(0.0 <= _flag_value(args, flag) <= 1.0, flag, 'a probability in [0, 1]', _flag_value(args, flag))
+        value = _flag_value(args, flag)
+        _require(0.0 <= value <= 1.0, flag, 'a probability in [0, 1]', value)
     for flag in ('--smoothing', '--drop-path'):
-        _require(0.0 <= _flag_value(args, flag) < 1.0, flag, 'in [0, 1)', _flag_value(args, flag))
+        value = _flag_value(args, flag)
+        _require(0.0 <= value < 1.0, flag, 'in [0, 1)', value)
     pmpl_config(args)
     if args.device is not None:
         try:
@@ -157,7 +165,7 @@ def pmpl_config(args: argparse.Namespace) -> PMPLConfig:
             arch_weight_decay=args.arch_weight_decay, rho=args.rho, first_order=args.first_order,
             early_stop=not args.no_early_stop)
     except InvalidSetting as e:
-        raise SystemExit(f"error: --{e.name.replace('_', '-')} must be {e.rule}, got {e.value}.") from None
+        raise _out_of_range('--' + e.name.replace('_', '-'), e.rule, e.value) from None
 
 
 def seed_everything(seed: int) -> None:
