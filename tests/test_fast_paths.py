@@ -6,6 +6,7 @@ the un-rewritten model for the deploy rewrite.
 """
 import itertools
 import math
+from functools import partial
 from typing import Optional, Sequence, Tuple
 
 import pytest
@@ -339,6 +340,57 @@ def test_global_enhancer_matches_conv_reference(shape, train, layout):
         torch.testing.assert_close(plain, reference, rtol=1e-10, atol=1e-12)
 
 
+def _trained_looking_enhancer(channels: int, seed: int = 0) -> GlobalContextEnhancer:
+    """A float64 enhancer in eval mode with non-trivial BN affine and running statistics, so that a wrong fold or a
+    BN in the wrong place changes the outputs."""
+    torch.manual_seed(seed)
+    gce = GlobalContextEnhancer(channels).double().eval()
+    with torch.no_grad():
+        gce.bn.weight.uniform_(0.5, 1.5)
+        gce.bn.bias.normal_()
+        gce.bn.running_mean.normal_()
+        gce.bn.running_var.uniform_(0.5, 2.)
+    return gce
+
+
+INFERENCE_SHAPES = SMALL_SHAPES + [(1, 64, 3, 8), (1, 16, 20, 18), (3, 16, 17, 16)]
+
+
+@pytest.mark.parametrize('shape', INFERENCE_SHAPES)
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_inference_and_fused_enhancer_match_conv_reference(shape, layout):
+    """Without autograd NCHW gates come from column GEMMs (W @ z); `fuse()` folds BN into `conv_reduce`. Both give
+    the conv-based Coordinate-Attention forward's outputs in eval mode, in the map's layout, and `fuse()` leaves the
+    enhancer it was called on untouched."""
+    gce = _trained_looking_enhancer(shape[1])
+    state = {k: v.clone() for k, v in gce.state_dict().items()}
+    fused = gce.fuse()
+    assert isinstance(fused.bn, torch.nn.Identity) and not fused.training
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
+    with torch.no_grad():
+        expected = _coord_attention_reference(gce, x)
+        for module in (gce, fused):
+            got = module(x)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+            assert got.is_contiguous(memory_format=layout)
+            gates = module.gates(x)
+            assert all(gate.is_contiguous(memory_format=layout) for gate in gates)
+    assert all(torch.equal(v, state[k]) for k, v in gce.state_dict().items())
+    assert isinstance(gce.bn, torch.nn.BatchNorm2d)
+    out = fused(x.clone().requires_grad_(True))  # the fused copy still runs with autograd (the rows path)
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fuse_without_running_statistics_keeps_the_norm():
+    """BN without running statistics normalises by the batch at inference too: nothing to fold, copied as is."""
+    gce = GlobalContextEnhancer(8, norm_layer=partial(torch.nn.BatchNorm2d, track_running_stats=False)).eval()
+    fused = gce.fuse()
+    assert isinstance(fused.bn, torch.nn.BatchNorm2d) and fused is not gce
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), gce(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 8, 8), (2, 3, 9, 8), (2, 3, 16, 16), (2, 3, 17, 16),
                                    (1, 2, 40, 7)])
 @pytest.mark.parametrize('needs_grad', [(True, True, True), (True, False, False), (False, True, True)])
@@ -394,17 +446,20 @@ def test_sums_over_width_and_height(shape, layout):
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES + [(2, 3, 16, 17)])
-def test_gates_are_laid_out_like_the_map(shape):
-    """The enhancer's gates come in the layout of the map they multiply (x's, or `like`'s)."""
+@pytest.mark.parametrize('grad', [True, False])
+def test_gates_are_laid_out_like_the_map(shape, grad):
+    """The enhancer's gates come in the layout of the map they multiply (x's, or `like`'s), with autograd (rows
+    path) and without (column path for NCHW)."""
     gce = GlobalContextEnhancer(shape[1])
     x = torch.randn(shape)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    for source, like, layout in ((x, None, torch.contiguous_format), (x_cl, None, torch.channels_last),
-                                 (x, x_cl, torch.channels_last), (x_cl, x, torch.contiguous_format)):
-        gates = gce.gates(source, like=like)
-        assert all(gate.is_contiguous(memory_format=layout) for gate in gates)
-        for got, expected in zip(gates, gce.gates(x)):
-            torch.testing.assert_close(got, expected)
+    with torch.set_grad_enabled(grad):
+        for source, like, layout in ((x, None, torch.contiguous_format), (x_cl, None, torch.channels_last),
+                                     (x, x_cl, torch.channels_last), (x_cl, x, torch.contiguous_format)):
+            gates = gce.gates(source, like=like)
+            assert all(gate.is_contiguous(memory_format=layout) for gate in gates)
+            for got, expected in zip(gates, gce.gates(x)):
+                torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES + [(1, 2, 16, 16), (2, 3, 17, 16), (1, 2, 40, 3)])
@@ -457,7 +512,12 @@ def test_reparameterize_model_is_exact(genotype):
     num_avg = sum(name.startswith('avg') for name in model.genotype)
     num_fused = sum(isinstance(m, ProjectionAvgPool) for m in deployed.modules())
     assert num_avg > 0 and num_fused == num_avg
-    assert list(deployed.state_dict()) == list(model.state_dict())
+    assert deployed.genotype == model.genotype  # a moved pool still names its candidate
+    # The state is unchanged but for the folded BN of each Global Context Enhancer.
+    assert list(deployed.state_dict()) == [k for k in model.state_dict() if '.se.bn.' not in k]
+    num_global = sum(name == 'global' for name in model.genotype)
+    assert sum(isinstance(m, GlobalContextEnhancer) and isinstance(m.bn, torch.nn.Identity)
+               for m in deployed.modules()) == num_global
     x = torch.randn(2, 3, 57, 43)  # odd sizes: the pools see borders at every stage
     with torch.no_grad():
         expected, got = model(x), deployed(x)

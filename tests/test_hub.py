@@ -15,7 +15,7 @@ from timm.models._hub import load_model_config_from_path
 
 import timm_metapool  # noqa: F401
 from timm_metapool import OP_NAMES, Genotype
-from timm_metapool.hub import GenotypeMismatchError, checkpoint_filter_fn
+from timm_metapool.hub import GenotypeMismatchError, checkpoint_filter_fn, export_for_hub
 from timm_metapool.pretrained import PRETRAINED_TAGS, resolve_pretrained_genotype
 from train_hooks import publish
 
@@ -338,3 +338,30 @@ def test_publish_search_checkpoint(work):
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert loaded.genotype == genotype
     assert torch.equal(_outputs(loaded), _outputs(supernet))
+
+
+
+def test_reparameterized_model_exports_its_genotype(work):
+    """timm's reparameterize_model moves every fixed avgK pool into its block's projection: the exported genotype is
+    still the trained one, and the export loads into a model that computes what the rewritten one does."""
+    from timm.utils.model import reparameterize_model
+    genotype = Genotype(tuple('avg5' if op == 'global' else op for op in GENOTYPE))  # only pools to rewrite
+    torch.manual_seed(0)
+    model = _randomize_bn(timm.create_model(MODEL, genotype=genotype, num_classes=NUM_CLASSES)).eval()
+    deployed = reparameterize_model(model)
+    assert deployed.genotype == genotype
+    out = export_for_hub(deployed, work / 'deployed_export')
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert loaded.genotype == genotype
+    torch.testing.assert_close(_outputs(loaded), _outputs(deployed), rtol=1e-5, atol=1e-6)
+
+
+def test_model_with_fused_enhancers_is_not_exported(work, trained):
+    """A Global Context Enhancer fused for inference has no BN weights: its export would not load, so it is refused
+    with the reason, and nothing is written."""
+    from timm.utils.model import reparameterize_model
+    out = work / 'fused_export'
+    with pytest.raises(ValueError, match=r"would not load .*missing: blocks\..*se\.bn\..*reparameterize_model"):
+        export_for_hub(reparameterize_model(trained[0]), out)
+    assert not out.exists()
+    assert not [p for p in work.iterdir() if p.name.startswith('.fused_export.')]

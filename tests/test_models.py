@@ -193,8 +193,19 @@ def test_fx_feature_extraction(genotype):
     assert out['head'].shape[1] == model.conv_head.out_channels
 
 
-def test_jit_script_fixed_model():
-    model = timm.create_model('mobilenetv2_metapool_035', genotype='random:4', num_classes=10).eval()
+# Moved pools and fused Global Context Enhancers after timm's reparameterize_model.
+DEPLOYABLE_GENOTYPE = 'avg3,global,max3,avg7,global,' + ','.join(['skip'] * 11)
+
+
+def _fixed_model(genotype: str, deploy: bool) -> torch.nn.Module:
+    from timm.utils.model import reparameterize_model
+    model = timm.create_model('mobilenetv2_metapool_035', genotype=genotype, num_classes=10).eval()
+    return reparameterize_model(model) if deploy else model
+
+
+@pytest.mark.parametrize('genotype, deploy', [('random:4', False), (DEPLOYABLE_GENOTYPE, True)])
+def test_jit_script_fixed_model(genotype, deploy):
+    model = _fixed_model(genotype, deploy)
     scripted = torch.jit.script(model)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(scripted(x), model(x))
@@ -207,11 +218,11 @@ def test_torch_compile_fixed_model():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('genotype', ['random:0', 'global'])
-def test_torch_export_fixed_model(genotype):
+@pytest.mark.parametrize('genotype, deploy', [('random:0', False), ('global', False), (DEPLOYABLE_GENOTYPE, True)])
+def test_torch_export_fixed_model(genotype, deploy):
     # torch.export is what the ONNX (dynamo) exporter and ExecuTorch trace through: the fast paths' Python control
     # flow must hand it the plain definitions, and the exported program must compute the same outputs.
-    model = timm.create_model('mobilenetv2_metapool_035', genotype=genotype, num_classes=10).eval()
+    model = _fixed_model(genotype, deploy)
     x = torch.randn(2, 3, 32, 32)
     exported = torch.export.export(model, (x,))
     with torch.no_grad():

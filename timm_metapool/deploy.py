@@ -22,7 +22,8 @@ from timm.models._efficientnet_blocks import InvertedResidual
 from .mixed_op import MetaPooling
 from .ops import op_name_of, pool_kernel_size, same_size_avg_pool
 
-__all__ = ['ProjectionAvgPool', 'MetaPoolInvertedResidual', 'fuse_pool_into_projection', 'enable_deploy_rewrite']
+__all__ = ['ProjectionAvgPool', 'PoolMovedToProjection', 'MetaPoolInvertedResidual', 'fuse_pool_into_projection',
+           'enable_deploy_rewrite']
 
 
 class ProjectionAvgPool(nn.Conv2d):
@@ -51,10 +52,23 @@ class ProjectionAvgPool(nn.Conv2d):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return same_size_avg_pool(super().forward(x), self.pool_size)
+        return same_size_avg_pool(self._conv_forward(x, self.weight, self.bias), self.pool_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', pool_size={self.pool_size}'
+
+
+class PoolMovedToProjection(nn.Identity):
+    """What stays in an `avgK` slot whose pool moved into `ProjectionAvgPool`: nothing to compute, but the slot still
+    names its candidate (`op_name`), so the rewritten model reports, exports and checks the genotype it was trained
+    with (an `nn.Identity` would read as `skip`, and its exported weights would load as an all-`skip` model)."""
+
+    def __init__(self, op_name: str):
+        super().__init__()
+        self.op_name = op_name
+
+    def extra_repr(self) -> str:
+        return f'op_name={self.op_name!r}'
 
 
 def _fixed_op_name(slot: nn.Module) -> Optional[str]:
@@ -81,7 +95,7 @@ def fuse_pool_into_projection(block: InvertedResidual) -> bool:
     if op_name is None or not op_name.startswith('avg') or not _is_plain_projection(block.conv_pwl):
         return False
     block.conv_pwl = ProjectionAvgPool.from_conv(block.conv_pwl, pool_size=pool_kernel_size(op_name))
-    block.se = nn.Identity()
+    block.se = PoolMovedToProjection(op_name)
     return True
 
 

@@ -27,7 +27,7 @@ from .pretrained import (
 __all__ = [
     'PAPER_CITATION', 'TrainedCheckpoint', 'GenotypeMismatchError', 'load_trained_checkpoint',
     'enhancer_slot_names', 'fixed_state_dict', 'verify_state_dict', 'checkpoint_filter_fn',
-    'parse_checkpoint_genotype', 'build_model_for_weights', 'read_metrics', 'render_model_card', 'export_for_hub',
+    'parse_checkpoint_genotype', 'build_model_for_weights', 'check_loads_as_built', 'read_metrics', 'render_model_card', 'export_for_hub',
     'check_repo_id', 'check_push_credentials', 'push_export',
 ]
 
@@ -231,6 +231,25 @@ def build_model_for_weights(
     return model.eval()
 
 
+def check_loads_as_built(model: nn.Module, model_name: str) -> None:
+    """Raise ValueError unless `model`'s weights load into `model_name` built from its genotype, as a loader of the
+    export will build it: the same state_dict keys and shapes (compared on the 'meta' device, nothing allocated)."""
+    import timm
+
+    state = model.state_dict()
+    with torch.device('meta'):
+        built = timm.create_model(model_name, genotype=model.genotype, **_infer_head(state)).state_dict()
+    missing = [k for k in built if k not in state]
+    unexpected = [k for k in state if k not in built]
+    reshaped = [k for k in built if k in state and built[k].shape != state[k].shape]
+    if missing or unexpected or reshaped:
+        detail = '; '.join(f'{what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}' for what, keys in
+                           (('missing', missing), ('unexpected', unexpected), ('other shapes', reshaped)) if keys)
+        raise ValueError(f'The model\'s weights would not load into {model_name} built from its genotype ({detail}). '
+                         f'A model rewritten by timm\'s reparameterize_model (Global Context Enhancers with their BN '
+                         f'folded) is for inference only: export the model as trained. Nothing was written.')
+
+
 def _genotype_table(model: nn.Module) -> str:
     rows = ['| slot | block | channels | enhancer |', '|---:|---|---:|---|']
     for index, (name, block, op_name) in enumerate(zip(enhancer_slot_names(model), model.enhancer_blocks(),
@@ -350,6 +369,7 @@ def export_for_hub(
     if repo_id is not None:
         check_repo_id(repo_id)  # the model card's load line names it
     model_name = model_name or model.pretrained_cfg['architecture']
+    check_loads_as_built(model, model_name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     try:
