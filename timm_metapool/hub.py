@@ -27,8 +27,8 @@ from .pretrained import (
 __all__ = [
     'PAPER_CITATION', 'TrainedCheckpoint', 'GenotypeMismatchError', 'load_trained_checkpoint',
     'enhancer_slot_names', 'fixed_state_dict', 'verify_state_dict', 'checkpoint_filter_fn',
-    'parse_checkpoint_genotype', 'build_model_for_weights', 'check_loads_as_built', 'read_metrics', 'render_model_card', 'export_for_hub',
-    'check_repo_id', 'check_push_credentials', 'push_export',
+    'parse_checkpoint_genotype', 'build_model_for_weights', 'check_loads_as_built', 'read_metrics',
+    'render_model_card', 'export_for_hub', 'check_repo_id', 'check_push_credentials', 'push_export',
 ]
 
 # Title and authors as printed on the paper; add the venue and year from the publisher's page when citing.
