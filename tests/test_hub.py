@@ -356,12 +356,19 @@ def test_reparameterized_model_exports_its_genotype(work):
     torch.testing.assert_close(_outputs(loaded), _outputs(deployed), rtol=1e-5, atol=1e-6)
 
 
-def test_model_with_fused_enhancers_is_not_exported(work, trained):
-    """A Global Context Enhancer fused for inference has no BN weights: its export would not load, so it is refused
-    with the reason, and nothing is written."""
+@pytest.mark.parametrize('variant, missing', [('reparameterize_model', r'blocks\..*se\.bn\.'),
+                                              ('features_only', r'conv_head\.weight')])
+def test_model_whose_weights_would_not_load_is_not_exported(work, trained, variant, missing):
+    """Global Context Enhancers fused for inference have no BN weights, a features_only model no head: their
+    exports would not load into the model the genotype builds, so they are refused, naming the keys, and nothing is
+    written."""
     from timm.utils.model import reparameterize_model
-    out = work / 'fused_export'
-    with pytest.raises(ValueError, match=r"would not load .*missing: blocks\..*se\.bn\..*reparameterize_model"):
-        export_for_hub(reparameterize_model(trained[0]), out)
+    if variant == 'reparameterize_model':
+        model = reparameterize_model(trained[0])
+    else:
+        model = timm.create_model(MODEL, genotype=GENOTYPE, features_only=True)
+    out = work / f'{variant}_export'
+    with pytest.raises(ValueError, match=f"would not load .*missing: {missing}.*{variant}"):
+        export_for_hub(model, out)
     assert not out.exists()
-    assert not [p for p in work.iterdir() if p.name.startswith('.fused_export.')]
+    assert not [p for p in work.iterdir() if p.name.startswith(f'.{variant}_export.')]

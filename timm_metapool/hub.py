@@ -245,9 +245,10 @@ def check_loads_as_built(model: nn.Module, model_name: str) -> None:
     if missing or unexpected or reshaped:
         detail = '; '.join(f'{what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}' for what, keys in
                            (('missing', missing), ('unexpected', unexpected), ('other shapes', reshaped)) if keys)
-        raise ValueError(f'The model\'s weights would not load into {model_name} built from its genotype ({detail}). '
-                         f'A model rewritten by timm\'s reparameterize_model (Global Context Enhancers with their BN '
-                         f'folded) is for inference only: export the model as trained. Nothing was written.')
+        raise ValueError(f'The model\'s weights would not load into {model_name} built from its genotype ({detail}): '
+                         f'export the model as timm.create_model builds it, not a features_only model, nor one '
+                         f'rewritten by timm\'s reparameterize_model (its Global Context Enhancers\' BN is folded '
+                         f'away). Nothing was written.')
 
 
 def _genotype_table(model: nn.Module) -> str:
