@@ -553,8 +553,9 @@ def test_global_enhancer_under_torch_compile_matches_eager(shape, layout):
         captured.extend(node.target for node in graph_module.graph.nodes if node.op in ('call_function', 'call_method'))
         return graph_module.forward
 
+    compiled = torch.compile(gce, backend=recording_backend, fullgraph=True)
     results = []
-    for forward in (gce, torch.compile(gce, backend=recording_backend, fullgraph=True)):
+    for forward in (gce, compiled):
         gce.zero_grad(set_to_none=True)
         xi = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
         out = forward(xi)
@@ -563,5 +564,8 @@ def test_global_enhancer_under_torch_compile_matches_eager(shape, layout):
         results.append([out.detach(), xi.grad] + [p.grad.clone() for p in gce.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # inference: the rows too, not eager inference's column GEMMs
+        torch.testing.assert_close(compiled(x), gce(x), rtol=1e-10, atol=1e-12)
     names = [getattr(target, '__name__', str(target)) for target in captured]
     assert 'mean' in names and 'mm' not in names and not any('apply' in name for name in names), names
+    assert 'baddbmm' not in names, names
