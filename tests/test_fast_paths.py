@@ -381,6 +381,22 @@ def test_inference_and_fused_enhancer_match_conv_reference(shape, layout):
     torch.testing.assert_close(out.detach(), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_train_mode_without_autograd_updates_bn_as_with_it():
+    """A train-mode forward without autograd (column GEMMs) takes BN statistics over the same batch and positions
+    as one with autograd (rows): the same outputs and running statistics."""
+    shape = (3, 16, 9, 7)
+    x = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for grad in (True, False):
+        gce = _trained_looking_enhancer(shape[1]).train()
+        with torch.set_grad_enabled(grad):
+            out = gce(x)
+        results.append((out.detach(), gce.bn.running_mean, gce.bn.running_var))
+    for with_grad, without in zip(*results):
+        torch.testing.assert_close(without, with_grad, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(results[0][1], _trained_looking_enhancer(shape[1]).bn.running_mean)  # they moved
+
+
 def test_fuse_without_running_statistics_keeps_the_norm():
     """BN without running statistics normalises by the batch at inference too: nothing to fold, copied as is."""
     gce = GlobalContextEnhancer(8, norm_layer=partial(torch.nn.BatchNorm2d, track_running_stats=False)).eval()

@@ -339,10 +339,10 @@ class GlobalContextEnhancer(nn.Module):
     def fuse(self) -> 'GlobalContextEnhancer':
         """The enhancer for inference, for timm's `reparameterize_model`: a copy with BN (its running statistics and
         affine) folded into `conv_reduce` and replaced by `nn.Identity`, which removes a BN call per slot (with the
-        column GEMMs, 2% to 3% of the all-global model's batch-1 time on CPU). The same outputs as this enhancer in eval mode, up to
-        float rounding; the fused copy has no `bn.*` state, so its weights no longer load into a model built from a
-        genotype (export the trained model, not the fused one). An enhancer whose norm layer is not a BatchNorm
-        with running statistics is copied unchanged.
+        column GEMMs, 2% to 3% of the all-global model's batch-1 time on CPU, A/Bs in one run). The same outputs as
+        this enhancer in eval mode, up to float rounding; the fused copy has no `bn.*` state, so its weights no
+        longer load into a model built from a genotype (export the trained model, not the fused one). An enhancer
+        whose norm layer is not a BatchNorm with running statistics is copied unchanged.
         """
         fused = copy.deepcopy(self)
         bn = self.bn
