@@ -218,7 +218,8 @@ def test_torch_compile_fixed_model():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('genotype, deploy', [('random:0', False), ('global', False), (DEPLOYABLE_GENOTYPE, True)])
+@pytest.mark.parametrize('genotype, deploy', [('random:0', False), ('global', False),
+                                             (DEPLOYABLE_GENOTYPE, True)])
 def test_torch_export_fixed_model(genotype, deploy):
     # torch.export is what the ONNX (dynamo) exporter and ExecuTorch trace through: the fast paths' Python control
     # flow must hand it the plain definitions, and the exported program must compute the same outputs.

@@ -251,6 +251,11 @@ def _column_gates_pay_off(like: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and like.is_contiguous()
 
 
+def _pointwise_on_columns(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
+    """A biased 1x1 conv applied to (N, C_in, L) columns: W @ t + b, (N, C_out, L)."""
+    return torch.baddbmm(conv.bias[:, None], conv.weight.flatten(1).expand(t.shape[0], -1, -1), t)
+
+
 # Leaves for torch.fx (timm's feature extraction included): their layout checks are Python control flow.
 torch.fx.wrap('directional_means')
 torch.fx.wrap('apply_gates')
@@ -327,13 +332,10 @@ class GlobalContextEnhancer(nn.Module):
         are the gates' NCHW layout already (no transposing copies: 1% to 2% of the all-global model's batch-1 time on
         CPU). Training keeps the rows: the weights' gradients through a batch of column GEMMs made the whole model's
         step 1.14x slower at batch 128."""
-        batch = z.shape[0]
-        y = torch.baddbmm(self.conv_reduce.bias[:, None], self.conv_reduce.weight.flatten(1).expand(batch, -1, -1), z)
+        y = _pointwise_on_columns(self.conv_reduce, z)
         y = self.act(self.bn(y.unsqueeze(3))).squeeze(3)  # BN statistics over batch and positions, as in the rows
-        a_h = torch.baddbmm(self.conv_h.bias[:, None], self.conv_h.weight.flatten(1).expand(batch, -1, -1),
-                            y[:, :, :height]).sigmoid_()
-        a_w = torch.baddbmm(self.conv_w.bias[:, None], self.conv_w.weight.flatten(1).expand(batch, -1, -1),
-                            y[:, :, height:]).sigmoid_()
+        a_h = _pointwise_on_columns(self.conv_h, y[:, :, :height]).sigmoid_()
+        a_w = _pointwise_on_columns(self.conv_w, y[:, :, height:]).sigmoid_()
         return a_h.unsqueeze(3), a_w.unsqueeze(2)
 
     def fuse(self) -> 'GlobalContextEnhancer':
