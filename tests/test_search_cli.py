@@ -129,6 +129,31 @@ def test_bad_arguments(data_dir, tmp_path, flag, value, message):
     assert not (tmp_path / 'x').exists()
 
 
+@pytest.mark.parametrize('extra, message', [
+    (['--in-chans', '1', '--input-size', '3', '32', '32'], 'disagree on the number of input channels'),
+    (['--in-chans', '1'], r'1 input channel\(s\) need --mean and --std'),
+    (['--input-size', '1', '32', '32', '--mean', '0.5'], r'1 input channel\(s\) need --mean and --std'),
+    (['--mean', '0.5', '0.5'], r'--mean takes 1 value or one per input channel \(3\), got 2'),
+    (['--std', '0.2', '0', '0.2'], '--std must be positive'),
+])
+def test_bad_channel_settings(data_dir, tmp_path, extra, message):
+    # Each of these used to fail after the data was read, with an assertion or a conv's shape error from torch.
+    with pytest.raises(SystemExit, match=message):
+        main(search_args(data_dir, tmp_path / 'x', *extra))
+    assert not (tmp_path / 'x').exists()
+
+
+def test_one_channel_search_reads_images_as_grayscale(data_dir, tmp_path):
+    # The demo images are RGB files; with one input channel they are read in mode 'L', as timm's train.py reads them.
+    out = tmp_path / 'gray'
+    main(search_args(data_dir, out, '--in-chans', '1', '--mean', '0.5', '--std', '0.25', '--epochs', '1',
+                     '--max-images', '32', '-b', '8'))
+    checkpoint = torch.load(out / 'last.pth', weights_only=False)
+    assert checkpoint['state_dict']['conv_stem.weight'].shape[1] == 1
+    command = (out / 'retrain_command.txt').read_text()
+    assert '--input-size 1 32 32 --mean 0.5 --std 0.25 ' in command
+
+
 def test_a_run_stopped_before_its_first_checkpoint_leaves_no_output(tmp_path):
     # Without --data-dir the demo dataset is generated into the output dir before the batch size can be checked
     # against it; left behind, it would get the corrected rerun refused for a non-empty output dir.
@@ -153,6 +178,9 @@ def test_existing_output_is_never_overwritten(data_dir, tmp_path):
     (out / 'notes.txt').write_text('mine')
     with pytest.raises(SystemExit, match='exists and is not empty.*--resume.*--overwrite'):
         main(search_args(data_dir, out))
+    assert os.listdir(out) == ['notes.txt'] and (out / 'notes.txt').read_text() == 'mine'
+    with pytest.raises(SystemExit, match='is a file, not a directory'):
+        main(search_args(data_dir, out / 'notes.txt'))
     assert os.listdir(out) == ['notes.txt'] and (out / 'notes.txt').read_text() == 'mine'
 
 

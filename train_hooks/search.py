@@ -50,13 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--max-images', type=int, default=None,
                       help='search on a class-stratified, seeded sample of this many training images')
     data.add_argument('--num-classes', type=int, default=None, help='default: read from the dataset')
-    data.add_argument('--in-chans', type=int, default=None)
+    data.add_argument('--in-chans', type=int, default=None, help="default: --input-size's C, else 3")
     data.add_argument('--img-size', type=int, default=None)
     data.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'))
     data.add_argument('--mean', type=float, nargs='+', default=None)
     data.add_argument('--std', type=float, nargs='+', default=None)
     data.add_argument('--interpolation', default='')
     data.add_argument('--crop-pct', type=float, default=None)
+    data.add_argument('--input-img-mode', default=None,
+                      help="mode images are converted to when read ('RGB', 'L', ...); default: 'RGB' for 3 input "
+                           "channels, else 'L' (as timm's train.py)")
     data.add_argument('--workers', '-j', type=int, default=4)
     aug = parser.add_argument_group('train-split augmentation (timm.data.create_loader)')
     aug.add_argument('--aa', default=None, help="auto-augment policy, e.g. 'rand-m9-mstd0.5'")
@@ -113,6 +116,38 @@ def _flag_value(args: argparse.Namespace, flag: str):
     return getattr(args, flag[2:].replace('-', '_'))
 
 
+def input_channels(args: argparse.Namespace) -> int:
+    """The model's input channels, resolved as timm's train.py does: --in-chans, else --input-size's C, else 3."""
+    if args.in_chans is not None:
+        return args.in_chans
+    return args.input_size[0] if args.input_size is not None else 3
+
+
+def image_mode(args: argparse.Namespace) -> str:
+    """The mode the dataset converts images to, as timm's train.py chooses it."""
+    if args.input_img_mode is not None:
+        return args.input_img_mode
+    return 'RGB' if input_channels(args) == 3 else 'L'
+
+
+def check_channels(args: argparse.Namespace) -> None:
+    """The channel count, --mean and --std agree (timm asserts on these only once the data config is resolved)."""
+    channels = input_channels(args)
+    if args.input_size is not None and args.input_size[0] != channels:
+        raise SystemExit(f'error: --in-chans {args.in_chans} and --input-size {" ".join(map(str, args.input_size))} '
+                         f'disagree on the number of input channels; give one of them.')
+    if channels != 3 and (args.mean is None or args.std is None):
+        raise SystemExit(f"error: {channels} input channel(s) need --mean and --std (the models' defaults are "
+                         f"ImageNet's 3-channel values), e.g. --mean 0.5 --std 0.25 (one value is used for every "
+                         f"channel).")
+    for flag in ('--mean', '--std'):
+        value = _flag_value(args, flag)
+        if value is not None and len(value) not in (1, channels):
+            raise SystemExit(f'error: {flag} takes 1 value or one per input channel ({channels}), got {len(value)}.')
+    if args.std is not None:
+        _require(min(args.std) > 0, '--std', 'positive', args.std)
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Fail before any work with a message naming the bad input and the fix."""
     _require(0.0 < args.meta_fraction < 1.0, '--meta-fraction', 'strictly between 0 and 1', args.meta_fraction)
@@ -135,6 +170,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ('--smoothing', '--drop-path'):
         value = _flag_value(args, flag)
         _require(0.0 <= value < 1.0, flag, 'in [0, 1)', value)
+    check_channels(args)
     pmpl_config(args)
     if args.device is not None:
         try:
@@ -149,6 +185,9 @@ def check_args(args: argparse.Namespace) -> None:
         args.output = args.output or os.path.dirname(os.path.abspath(args.resume))
     if not args.output:
         raise SystemExit('error: --output is required (a new directory for the genotype, logs and checkpoint).')
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise SystemExit(f'error: --output {args.output!r} is a file, not a directory; nothing was touched. Choose a '
+                         f'new --output.')
     if os.path.isdir(args.output) and os.listdir(args.output) and not (args.resume or args.overwrite):
         raise SystemExit(f'error: output dir {args.output!r} exists and is not empty; nothing was touched. Pass '
                          f'--resume {os.path.join(args.output, CHECKPOINT_NAME)} to continue it, --overwrite to '
@@ -221,7 +260,8 @@ def make_datasets(args: argparse.Namespace):
     """Two dataset objects for the train split (one per loader: different transforms), cut into train/meta views."""
     def load():
         try:
-            return create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True)
+            return create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+                                  input_img_mode=image_mode(args))
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             raise SystemExit(f'error: cannot read the training split of --data-dir {args.data_dir!r} '
                              f'(--dataset {args.dataset!r}, --train-split {args.train_split!r}): {e}')
@@ -312,7 +352,12 @@ def retrain_command(args, genotype_path: str, num_classes: int, data_config) -> 
     parts = [
         'python train.py', f'--data-dir {data}', f'--dataset {args.dataset!r}' if args.dataset else '',
         '--device-modules timm_metapool', f'--model {args.model}', f'--model-kwargs genotype={genotype_path}',
+        f'--train-split {args.train_split}' if args.train_split != 'train' else '',
         f'--num-classes {num_classes}', f"--input-size {' '.join(map(str, data_config['input_size']))}",
+        # the normalisation and image mode the genotype was searched with, which train.py would not derive
+        f"--mean {' '.join(map(str, args.mean))}" if args.mean else '',
+        f"--std {' '.join(map(str, args.std))}" if args.std else '',
+        f'--input-img-mode {args.input_img_mode}' if args.input_img_mode else '',
         '--epochs 200 --sched cosine --opt sgd --lr 0.05 --momentum 0.9 --weight-decay 4e-5 -b 128',
     ]
     return ' '.join(p for p in parts if p)
@@ -426,10 +471,8 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         raise SystemExit(f'error: --num-classes {num_classes} is fewer than the {found_classes} classes of the training '
                          f'split; leave it out to use the dataset\'s count.')
     seed_everything(args.seed)
-    model_kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path)
-    if args.in_chans:
-        model_kwargs['in_chans'] = args.in_chans
-    model = timm.create_model(args.model, **model_kwargs)
+    model = timm.create_model(args.model, num_classes=num_classes, in_chans=input_channels(args),
+                              drop_path_rate=args.drop_path)
     data_config = resolve_data_config(vars(args), model=model)
     model.to(dist_env.device)
     if args.channels_last:
