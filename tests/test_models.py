@@ -211,6 +211,16 @@ def test_jit_script_fixed_model(genotype, deploy):
     torch.testing.assert_close(scripted(x), model(x))
 
 
+def test_jit_script_of_a_supernet_says_to_fix_the_slots_first():
+    supernet = timm.create_model('mobilenetv2_metapool_035', num_classes=10).eval()
+    supernet.fix_slot(0, 'avg3')  # one slot fixed is not enough: the others are still mixed ops
+    with pytest.raises(RuntimeError, match=r'MetaPooling slot .* cannot be scripted.*fix_to_genotype\(\)'):
+        torch.jit.script(supernet)
+    supernet.fix_to_genotype()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(torch.jit.script(supernet)(x), supernet(x))
+
+
 def test_torch_compile_fixed_model():
     model = timm.create_model('mobilenetv2_metapool_035', genotype='random:0', num_classes=10).eval()
     compiled = torch.compile(model)

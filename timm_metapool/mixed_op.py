@@ -227,6 +227,14 @@ class MetaPooling(nn.Module):
         self.arch_alpha.requires_grad_(False)
         return self.ops[name]
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by `torch.jit.script` on every submodule: the mixed op's fused paths are eager-only, so scripting
+        a model that still has search slots stops here with what to do, not deep in the compiler."""
+        raise RuntimeError(
+            'A MetaPooling slot (the PMPL search space) cannot be scripted with torch.jit.script. Fix the slots '
+            'first: model.fix_to_genotype() (each slot to its argmax) or timm.create_model(..., genotype=...); fixed '
+            'models script.')
+
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """Reference definition: the literal Eq. 1 sum (or op k alone once fixed), every candidate in its plain
         definition (`plain_forward_of`: PyTorch's own pooling, the Global Context Enhancer's `forward_plain`)."""
