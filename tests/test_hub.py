@@ -341,6 +341,25 @@ def test_publish_search_checkpoint(work):
 
 
 
+def test_publish_one_channel_model(work):
+    """A model trained on one-channel images (train.py --input-size 1 H W): the export is checked on one-channel
+    input and loads back with one input channel. The check used to feed it three channels and fail after the export
+    was already in place."""
+    torch.manual_seed(3)
+    model = _randomize_bn(timm.create_model(MODEL, genotype=GENOTYPE, num_classes=NUM_CLASSES, in_chans=1)).eval()
+    args = argparse.Namespace(model=MODEL, model_kwargs={'genotype': GENOTYPE.to_string()}, img_size=None,
+                              input_size=[1, 28, 28], crop_pct=None, mean=[0.5], std=[0.25], interpolation='')
+    checkpoint = work / 'gray_best.pth.tar'
+    torch.save({'epoch': 1, 'arch': MODEL, 'args': args, 'state_dict': model.state_dict()}, checkpoint)
+    out = work / 'gray_export'
+    publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(out)])
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert loaded.conv_stem.in_channels == 1 and loaded.pretrained_cfg['input_size'] == (1, 28, 28)
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_reparameterized_model_exports_its_genotype(work):
     """timm's reparameterize_model moves every fixed avgK pool into its block's projection: the exported genotype is
     still the trained one, and the export loads into a model that computes what the rewritten one does."""

@@ -342,6 +342,24 @@ def _write_safetensors_with_genotype(model: nn.Module, path: Path, model_name: s
     safetensors.torch.save_file(model.state_dict(), str(path), metadata=metadata)
 
 
+def verify_export(model: nn.Module, folder: Union[str, os.PathLike], size: int = 64) -> None:
+    """Load `folder` back the way users will (timm's `local-dir:`) and require `model`'s genotype and outputs on a
+    seeded random batch in the model's input channels, dtype and device. Outputs are compared up to float rounding
+    (relative 1e-5): a model rewritten by `reparameterize_model` pools after its projections, the reloaded one
+    before them. RuntimeError if the export does not reproduce the model."""
+    import timm
+
+    reference = next(model.parameters())
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).to(reference).eval()
+    x = torch.randn(2, model.conv_stem.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(reference)
+    with torch.no_grad():
+        expected, got = model.eval()(x), reloaded(x)
+    error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+    if reloaded.genotype != model.genotype or not error <= 1e-5:
+        raise RuntimeError(f'The export does not reproduce the model (genotype {reloaded.genotype} loaded back, '
+                           f'relative output error {error:.2g}); nothing was written. Please report this as a bug.')
+
+
 def export_for_hub(
         model: nn.Module,
         out_dir: Union[str, os.PathLike],
@@ -354,8 +372,9 @@ def export_for_hub(
 ) -> Path:
     """Write `config.json`, `model.safetensors` (genotype in its metadata) and `README.md` to a new `out_dir`.
 
-    Everything is written to a temporary sibling folder first and moved into place at the end, so a failure leaves
-    nothing half-written and an existing `out_dir` is never touched.
+    Everything is written to a temporary sibling folder first, loaded back through timm and compared with the model
+    (`verify_export`), and moved into place at the end, so a failure leaves nothing half-written and an existing
+    `out_dir` is never touched.
     """
     from timm.models import save_for_hf
 
@@ -384,6 +403,7 @@ def export_for_hub(
         card = render_model_card(model, model_name, repo_id=repo_id, search_plot=plot_name, metrics=metrics,
                                  dataset=dataset)
         (staging / 'README.md').write_text(card, encoding='utf-8')
+        verify_export(model, staging)
         if out_dir.exists():  # appeared while we were writing
             raise FileExistsError(f'Output directory {str(out_dir)!r} appeared during the export; nothing was '
                                   f'written to it.')

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 __all__ = ['main']
 
@@ -101,26 +100,12 @@ def publish(args: argparse.Namespace) -> str:
     out = hub.export_for_hub(
         model, args.out, model_name=args.model, repo_id=args.repo_id, data_config=checkpoint.data_config,
         search_plot=args.search_plot, metrics=metrics, dataset=args.dataset)
-    _verify_export(model, out)
     print(f'Exported {args.model} with genotype {genotype} to {out}')
     if args.push:
         repo_id, commit = hub.push_export(out, args.repo_id, token=token, private=args.private)
         print(f'Pushed to https://huggingface.co/{repo_id} ({commit})')
         return f"timm.create_model('hf-hub:{repo_id}', pretrained=True)"
     return f"timm.create_model('local-dir:{out}', pretrained=True)"
-
-
-def _verify_export(model: torch.nn.Module, out) -> None:
-    """Load the export back through timm and require identical outputs: the export must be the model."""
-    import timm
-
-    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-    x = torch.randn(2, model.pretrained_cfg['input_size'][0], 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        same = torch.equal(model(x), reloaded(x))
-    if not same or reloaded.genotype != model.genotype:
-        raise RuntimeError(f'The export in {out} does not reproduce the model; do not publish it (please report '
-                           f'this as a bug).')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
