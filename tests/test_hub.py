@@ -127,6 +127,15 @@ def test_pretrained_cfg_overlay_file_reads_genotype_from_metadata(export_dir, tr
         pretrained_cfg_overlay=dict(file=str(export_dir / 'model.safetensors'), num_classes=NUM_CLASSES))
     assert loaded.genotype == GENOTYPE
     assert torch.equal(_outputs(loaded), _outputs(trained[0]))
+    fine_tuned = timm.create_model(  # another head: the overlay names the weights' count, timm drops their head
+        MODEL, pretrained=True, num_classes=3,
+        pretrained_cfg_overlay=dict(file=str(export_dir / 'model.safetensors'), num_classes=NUM_CLASSES))
+    assert fine_tuned.get_classifier().out_features == 3 and fine_tuned.genotype == GENOTYPE
+    with pytest.raises(ValueError, match=f"classifier has {NUM_CLASSES} classes.*declares 1000.*"
+                                         f"pass num_classes={NUM_CLASSES} to timm.create_model and to "
+                                         f"pretrained_cfg_overlay"):
+        timm.create_model(MODEL, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(export_dir / 'model.safetensors')))
 
 
 def _fill_hub_cache(cache: Path, repo_id: str, folder: Path, sha: str = 'a' * 40) -> None:

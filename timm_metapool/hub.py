@@ -181,11 +181,28 @@ def verify_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
                 f'(config.json model_args.genotype, or the safetensors metadata).')
 
 
+def check_classifier_size(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise ValueError when the weights' classifier has another class count than the pretrained cfg declares while
+    the model was built for the declared count. timm drops a pretrained head only where the model's count differs
+    from the cfg's, so this case would end in load_state_dict's size mismatch; the usual cause is a
+    `pretrained_cfg_overlay=dict(file=...)` without the weights' `num_classes`."""
+    weight = state_dict.get('classifier.weight')
+    declared = model.pretrained_cfg.get('num_classes')
+    if weight is None or declared is None or model.num_classes != declared or weight.shape[0] == declared:
+        return
+    trained = weight.shape[0]
+    raise ValueError(f'The weights\' classifier has {trained} classes, but the pretrained cfg declares {declared} '
+                     f'and the model was built for {model.num_classes}: pass num_classes={trained} to '
+                     f'timm.create_model and to pretrained_cfg_overlay. To fine-tune with another number of classes, '
+                     f'give the model yours and the overlay num_classes={trained}; timm then drops the head.')
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """timm `pretrained_filter_fn`: refuse pretrained weights made for another genotype, before loading them.
 
     Checks the genotype in the weights file's metadata (when the file is on disk, as after a Hub download) and
-    every enhancer slot's keys and shapes; returns the state_dict unchanged.
+    every enhancer slot's keys and shapes, and that timm can load or drop the classifier (`check_classifier_size`);
+    returns the state_dict unchanged.
     """
     from timm.models._builder import resolve_pretrained_cfg
 
@@ -194,6 +211,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         # Checked again here: a Hub download lands on disk only after the builder's own check ran.
         check_weights_genotype(cfg, model.genotype, enhancer_slot_names(model))
     verify_state_dict(state_dict, model)
+    check_classifier_size(state_dict, model)
     return state_dict
 
 
@@ -351,7 +369,8 @@ def verify_export(model: nn.Module, folder: Union[str, os.PathLike], size: int =
 
     reference = next(model.parameters())
     reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).to(reference).eval()
-    x = torch.randn(2, model.conv_stem.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(reference)
+    x = torch.randn(2, model.conv_stem.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    x = x.to(reference)
     with torch.no_grad():
         expected, got = model.eval()(x), reloaded(x)
     error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
