@@ -7,12 +7,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import timm
+from torchvision.datasets import FakeData
+from torchvision.transforms import ToTensor
 
 from timm_metapool import Genotype
-from timm_metapool.data import DEMO_CLASSES, generate_demo_dataset
+from timm_metapool.data import DEMO_CLASSES, DatasetSplit, generate_demo_dataset
 from train_hooks.search import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +155,50 @@ def test_one_channel_search_reads_images_as_grayscale(data_dir, tmp_path):
     assert checkpoint['state_dict']['conv_stem.weight'].shape[1] == 1
     command = (out / 'retrain_command.txt').read_text()
     assert '--input-size 1 32 32 --mean 0.5 --std 0.25 ' in command
+
+
+def test_dataset_split_converts_images_before_the_transform():
+    gray = FakeData(size=4, image_size=(1, 8, 8), random_offset=3)  # torchvision hands these over as 'L' images
+    assert gray[0][0].mode == 'L'
+    split = DatasetSplit(gray, [2, 0], image_mode='RGB')
+    to_tensor = ToTensor()
+    split.transform = to_tensor
+    assert split.transform is to_tensor  # what was assigned reads back; the conversion runs in front of it
+    image = split[0][0]
+    assert image.shape == (3, 8, 8) and torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    plain = DatasetSplit(FakeData(size=4, image_size=(1, 8, 8), random_offset=3), [2, 0])
+    plain.transform = ToTensor()
+    assert torch.equal(plain[0][0][0], image[0])  # unconverted: one channel, the same values
+
+
+def _write_tiny_fashion_mnist(root, per_class=4, size=28):
+    """A small Fashion-MNIST in torchvision's raw layout (idx files), which timm's `torch/fashion_mnist` reads."""
+    raw = root / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), per_class)
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), size, size), dtype=np.uint8)
+    for prefix in ('train', 't10k'):
+        header = np.array([2051, len(labels), size, size], '>i4').tobytes()
+        (raw / f'{prefix}-images-idx3-ubyte').write_bytes(header + images.tobytes())
+        (raw / f'{prefix}-labels-idx1-ubyte').write_bytes(np.array([2049, len(labels)], '>i4').tobytes()
+                                                          + labels.tobytes())
+    return str(root)
+
+
+def test_torchvision_dataset_images_take_the_model_channels(tmp_path):
+    # torchvision's FashionMNIST stores 'L' images and timm converts images only in its own readers: with the default
+    # three channels the search converts them (it used to stop at the first batch with a shape error) and says what
+    # timm's train.py needs instead; with one channel there is nothing to convert.
+    root = _write_tiny_fashion_mnist(tmp_path / 'fm')
+    common = ['--dataset', 'torch/fashion_mnist', '--data-dir', root, '--model', 'mobilenetv2_metapool_035',
+              '--img-size', '28', '-b', '8', '--epochs', '1', '--workers', '0', '--quiet']
+    main(common + ['--output', str(tmp_path / 'rgb')])
+    command, note = (tmp_path / 'rgb' / 'retrain_command.txt').read_text().splitlines()
+    assert '--input-size 3 28 28' in command
+    assert note.startswith("# note: torch/fashion_mnist stores 'L' images") and '--input-size 1 28 28' in note
+    main(common + ['--output', str(tmp_path / 'gray'), '--in-chans', '1', '--mean', '0.3', '--std', '0.3'])
+    command, = (tmp_path / 'gray' / 'retrain_command.txt').read_text().splitlines()
+    assert '--input-size 1 28 28 --mean 0.3 --std 0.3' in command
 
 
 def test_a_run_stopped_before_its_first_checkpoint_leaves_no_output(tmp_path):

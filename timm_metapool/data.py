@@ -10,8 +10,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import Compose
 
-__all__ = ['dataset_targets', 'dataset_class_names', 'stratified_split', 'DatasetSplit', 'DEMO_CLASSES', 'generate_demo_dataset']
+__all__ = ['dataset_targets', 'dataset_class_names', 'stratified_split', 'ConvertImageMode', 'stored_image_mode',
+           'DatasetSplit', 'DEMO_CLASSES', 'generate_demo_dataset']
 
 
 def dataset_targets(dataset: Any) -> List[int]:
@@ -77,24 +79,56 @@ def stratified_split(
     return sorted(train), sorted(meta)
 
 
+class ConvertImageMode:
+    """Transform: a PIL image converted to `mode` ('RGB', 'L', ...); anything else passes unchanged.
+
+    timm applies its `input_img_mode` in its own readers (folder, tar, hfds, ...) only; torchvision's datasets
+    (`torch/...`) hand their images over in their own mode, 'L' for the MNIST family.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, img: Any) -> Any:
+        if isinstance(img, Image.Image) and img.mode != self.mode:
+            return img.convert(self.mode)
+        return img
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.mode!r})'
+
+
+def stored_image_mode(dataset: Any) -> Optional[str]:
+    """The PIL mode of `dataset`'s first image as its reader returns it (call before a transform is set), or None
+    when its samples are not PIL images."""
+    image = dataset[0][0]
+    return image.mode if isinstance(image, Image.Image) else None
+
+
 class DatasetSplit(torch.utils.data.Dataset):
     """A view of `dataset` restricted to `indices` that forwards `transform` to it.
 
     timm's `create_loader` assigns `loader.dataset.transform`; a `torch.utils.data.Subset` would swallow that
     assignment, leaving the images untransformed. Give each split its own underlying dataset object so the train
-    and meta splits can carry different transforms.
+    and meta splits can carry different transforms. With `image_mode`, every image is converted to that mode before
+    the transform (`ConvertImageMode`), whatever dataset it comes from.
     """
 
-    def __init__(self, dataset: Any, indices: Sequence[int]):
+    def __init__(self, dataset: Any, indices: Sequence[int], image_mode: Optional[str] = None):
         self.dataset = dataset
         self.indices = list(indices)
+        self.image_mode = image_mode
+        self._transform = getattr(dataset, 'transform', None)
 
     @property
     def transform(self):
-        return self.dataset.transform
+        return self._transform
 
     @transform.setter
     def transform(self, value):
+        self._transform = value
+        if self.image_mode is not None and value is not None:
+            value = Compose([ConvertImageMode(self.image_mode), value])
         self.dataset.transform = value
 
     def __getitem__(self, index: int):

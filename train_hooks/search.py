@@ -21,12 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import timm
+from PIL import Image
 from timm.data import create_dataset, create_loader, create_transform, resolve_data_config
 from timm.scheduler import CosineLRScheduler
 
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.data import (
-    DatasetSplit, dataset_class_names, dataset_targets, generate_demo_dataset, stratified_split)
+    DatasetSplit, dataset_class_names, dataset_targets, generate_demo_dataset, stored_image_mode, stratified_split)
 from timm_metapool.ops import OP_NAMES
 from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch
 
@@ -257,7 +258,8 @@ class Distributed:
 
 
 def make_datasets(args: argparse.Namespace):
-    """Two dataset objects for the train split (one per loader: different transforms), cut into train/meta views."""
+    """Two dataset objects for the train split (one per loader: different transforms), cut into train/meta views,
+    the number of classes, and the mode its reader stores images in (`stored_image_mode`)."""
     def load():
         try:
             return create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
@@ -279,7 +281,9 @@ def make_datasets(args: argparse.Namespace):
     except ValueError as e:
         raise SystemExit(f'error: {e}')
     train_idx, meta_idx = [pool[i] for i in local_train], [pool[i] for i in local_meta]
-    return DatasetSplit(train_base, train_idx), DatasetSplit(meta_base, meta_idx), len(set(targets))
+    mode = image_mode(args)  # also for datasets whose reader does not apply it (torchvision's)
+    return (DatasetSplit(train_base, train_idx, image_mode=mode), DatasetSplit(meta_base, meta_idx, image_mode=mode),
+            len(set(targets)), stored_image_mode(train_base))
 
 
 def make_loaders(args, train_set, meta_set, data_config, dist_env: Distributed):
@@ -345,6 +349,18 @@ def write_log_csv(rows: List[Dict], path: str) -> None:
 
 def snapshot_probabilities(model) -> List[Optional[List[float]]]:
     return [None if p is None else [round(float(v), 6) for v in p] for p in model.slot_probabilities()]
+
+
+def unconverted_by_train_py(args: argparse.Namespace, stored_mode: Optional[str], input_size: Sequence[int]) -> str:
+    """A note for what the retrain command cannot carry, or ''. timm's train.py converts images to its
+    input_img_mode in its own readers only: a torchvision dataset's images that the search converted would reach
+    it unconverted (a shape error at the first batch)."""
+    mode = image_mode(args)
+    if not args.dataset.startswith('torch/') or stored_mode in (None, mode):
+        return ''
+    return (f"note: {args.dataset} stores {stored_mode!r} images, which the search converted to {mode!r}; timm's "
+            f"train.py does not convert torchvision datasets' images, so retrain with --input-size "
+            f"{Image.getmodebands(stored_mode)} {input_size[1]} {input_size[2]} and --mean/--std to match them.")
 
 
 def retrain_command(args, genotype_path: str, num_classes: int, data_config) -> str:
@@ -465,7 +481,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
             dist.barrier()
         args.img_size = args.img_size or 32
 
-    train_set, meta_set, found_classes = make_datasets(args)
+    train_set, meta_set, found_classes, stored_mode = make_datasets(args)
     num_classes = args.num_classes or found_classes
     if num_classes < found_classes:
         raise SystemExit(f'error: --num-classes {num_classes} is fewer than the {found_classes} classes of the training '
@@ -505,6 +521,9 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     log(f'PMPL search: {args.model}, {model.num_slots} slots, {len(train_set)} train / {len(meta_set)} meta images, '
         f'{num_classes} classes, input {data_config["input_size"]}, {dist_env.world_size} process(es) on '
         f'{dist_env.device}')
+    note = unconverted_by_train_py(args, stored_mode, data_config['input_size'])
+    if note:
+        log(note)
     epoch = start_epoch
     while epoch < args.epochs and not search.done:
         t0 = time.time()
@@ -564,7 +583,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     if forced and dist_env.is_main:
         save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes)
     return finish(args, dist_env, search, model, num_classes, data_config, epoch, global_step, steps_per_epoch,
-                  history, elapsed, train_set, meta_set)
+                  history, elapsed, train_set, meta_set, note)
 
 
 def save_checkpoint(args, search: PMPLSearch, model, epoch: int, global_step: int, log_rows, history, elapsed: float,
@@ -611,7 +630,7 @@ def check_ranks_agree(model, dist_env: Distributed, epoch: int) -> None:
 
 
 def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, global_step, steps_per_epoch,
-           history, elapsed, train_set, meta_set) -> Dict:
+           history, elapsed, train_set, meta_set, note: str = '') -> Dict:
     genotype = model.genotype
     events = sorted(search.fix_events, key=lambda e: e.slot)
     rank_probabilities = dist_env.gather([e.probabilities for e in events])
@@ -632,13 +651,15 @@ def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, 
     )
     atomic_write_text(json.dumps(summary, indent=2), genotype_path)
     command = retrain_command(args, genotype_path, num_classes, data_config)
-    atomic_write_text(command + '\n', os.path.join(args.output, RETRAIN_NAME))
+    atomic_write_text(command + '\n' + (f'# {note}\n' if note else ''), os.path.join(args.output, RETRAIN_NAME))
     plotted = plot_search(history, events_out, OP_NAMES, model.num_slots, os.path.join(args.output, PLOT_NAME),
                           title=f'PMPL search of {args.model}')
     print(f'Genotype: {genotype}', flush=True)
     print(f'Wrote {genotype_path}, {LOG_NAME}, {CHECKPOINT_NAME}' + (f', {PLOT_NAME}' if plotted else
           ' (no plot: pip install matplotlib)') + f' in {args.output}', flush=True)
     print(f'Retrain with timm (train.py from the timm repository):\n  {command}', flush=True)
+    if note:
+        print(f'  ({note})', flush=True)
     return summary
 
 
