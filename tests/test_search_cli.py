@@ -237,6 +237,9 @@ def test_missing_and_empty_data_dirs(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(SystemExit, match='cannot read the training split'):
         main(search_args(str(tmp_path / 'empty'), tmp_path / 'o2'))
+    with pytest.raises(SystemExit, match='cannot read the training split.*Dataset not found.*add --dataset-download'):
+        main(search_args(str(tmp_path / 'empty'), tmp_path / 'o3', '--dataset', 'torch/fashion_mnist'))
+    assert not (tmp_path / 'o3').exists()
 
 
 def test_class_with_too_few_images(tmp_path):

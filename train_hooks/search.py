@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help='dataset root; omit to generate and use the embedded demo dataset in OUTPUT/demo_data')
     data.add_argument('--dataset', default='', help="timm dataset spec: '' (folder), 'torch/fashion_mnist', 'hfds/...'")
     data.add_argument('--train-split', default='train')
+    data.add_argument('--dataset-download', action='store_true',
+                      help='let torch/ and tfds/ datasets that can download themselves do so (as timm train.py)')
     data.add_argument('--meta-fraction', type=float, default=0.5,
                       help='share of each class of the training split moved to the meta split (never validation)')
     data.add_argument('--max-images', type=int, default=None,
@@ -257,17 +259,28 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def make_datasets(args: argparse.Namespace):
+def make_datasets(args: argparse.Namespace, dist_env: Distributed):
     """Two dataset objects for the train split (one per loader: different transforms), cut into train/meta views,
     the number of classes, and the mode its reader stores images in (`stored_image_mode`)."""
-    def load():
+    def load(download: bool):
         try:
             return create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                                  input_img_mode=image_mode(args))
+                                  download=download, input_img_mode=image_mode(args))
         except (FileNotFoundError, RuntimeError, ValueError) as e:
+            hint = ''
+            if not args.dataset_download and args.dataset.startswith(('torch/', 'tfds/')):
+                hint = (' Put its files under --data-dir where the dataset class looks for them, or add '
+                        '--dataset-download to let it download them.')
             raise SystemExit(f'error: cannot read the training split of --data-dir {args.data_dir!r} '
-                             f'(--dataset {args.dataset!r}, --train-split {args.train_split!r}): {e}')
-    train_base, meta_base = load(), load()
+                             f'(--dataset {args.dataset!r}, --train-split {args.train_split!r}): {e}{hint}')
+    # With --dataset-download under torchrun the main rank downloads while the others wait, then they read its files.
+    staggered = args.dataset_download and dist_env.enabled
+    if staggered and not dist_env.is_main:
+        dist.barrier()
+    train_base = load(args.dataset_download)
+    if staggered and dist_env.is_main:
+        dist.barrier()
+    meta_base = load(False)
     if len(train_base) == 0:
         raise SystemExit(f'error: the training split of {args.data_dir!r} has no images.')
     targets = dataset_targets(train_base)
@@ -481,7 +494,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
             dist.barrier()
         args.img_size = args.img_size or 32
 
-    train_set, meta_set, found_classes, stored_mode = make_datasets(args)
+    train_set, meta_set, found_classes, stored_mode = make_datasets(args, dist_env)
     num_classes = args.num_classes or found_classes
     if num_classes < found_classes:
         raise SystemExit(f'error: --num-classes {num_classes} is fewer than the {found_classes} classes of the training '
