@@ -1,5 +1,6 @@
 """The search driver end to end on the generated dataset: outputs, resume after a kill, torchrun, bad input."""
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -240,6 +241,16 @@ def test_missing_and_empty_data_dirs(tmp_path):
     with pytest.raises(SystemExit, match='cannot read the training split.*Dataset not found.*add --dataset-download'):
         main(search_args(str(tmp_path / 'empty'), tmp_path / 'o3', '--dataset', 'torch/fashion_mnist'))
     assert not (tmp_path / 'o3').exists()
+    with pytest.raises(SystemExit, match='cannot read the training split.*Unknown torchvision dataset nosuch'):
+        main(search_args(str(tmp_path / 'empty'), tmp_path / 'o4', '--dataset', 'torch/nosuch'))
+    assert not (tmp_path / 'o4').exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec('datasets') is not None, reason="needs Hugging Face 'datasets' absent")
+def test_dataset_reader_without_its_package(tmp_path):
+    with pytest.raises(SystemExit, match="'hfds/mnist' needs the 'datasets' package.*pip install datasets"):
+        main(search_args(str(tmp_path), tmp_path / 'out', '--dataset', 'hfds/mnist'))
+    assert not (tmp_path / 'out').exists()
 
 
 def test_class_with_too_few_images(tmp_path):

@@ -266,7 +266,10 @@ def make_datasets(args: argparse.Namespace, dist_env: Distributed):
         try:
             return create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                                   download=download, input_img_mode=image_mode(args))
-        except (FileNotFoundError, RuntimeError, ValueError) as e:
+        except ImportError as e:
+            raise SystemExit(f'error: --dataset {args.dataset!r} needs the {e.name!r} package, which is not installed: '
+                             f'pip install {e.name}') from None
+        except (FileNotFoundError, RuntimeError, ValueError, AssertionError) as e:  # timm asserts on unknown names
             hint = ''
             if not args.dataset_download and args.dataset.startswith(('torch/', 'tfds/')):
                 hint = (' Put its files under --data-dir where the dataset class looks for them, or add '
