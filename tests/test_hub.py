@@ -299,6 +299,21 @@ def test_existing_output_dir_is_not_touched(work, trained):
     assert not [p for p in work.iterdir() if p.name.startswith('.taken.')]  # no staging folder left behind
 
 
+def test_checkpoint_directory_and_non_image_plot_are_refused(work, trained):
+    out = work / 'refused_inputs'
+    with pytest.raises(SystemExit, match=r'is a directory; give the checkpoint file in it .*model_best\.pth\.tar'):
+        publish.main(['--checkpoint', str(work), '--model', MODEL, '--out', str(out)])
+    not_a_plot = work / 'plot.csv'
+    not_a_plot.write_text('epoch,top1\n1,50\n')
+    renamed = work / 'plot_named.png'  # an image name, but not an image's bytes
+    renamed.write_text('epoch,top1\n1,50\n')
+    for plot in (not_a_plot, renamed):
+        with pytest.raises(SystemExit, match='is not a PNG, JPEG, GIF or SVG image'):
+            publish.main(['--checkpoint', str(trained[1]), '--model', MODEL, '--out', str(out), '--search-plot',
+                          str(plot)])
+    assert not out.exists()
+
+
 def test_genotype_flag_disagreeing_with_checkpoint(work, trained):
     with pytest.raises(SystemExit, match='disagrees'):
         publish.main(['--checkpoint', str(trained[1]), '--model', MODEL, '--out', str(work / 'disagree'),

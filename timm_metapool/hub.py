@@ -73,6 +73,9 @@ def load_trained_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False
     from timm.models import clean_state_dict
 
     path = str(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f'Checkpoint {path!r} is a directory; give the checkpoint file in it (for a timm '
+                                f'train.py run: {os.path.join(path, "model_best.pth.tar")}).')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Checkpoint {path!r} does not exist.')
     if path.endswith('.safetensors'):
@@ -379,6 +382,23 @@ def verify_export(model: nn.Module, folder: Union[str, os.PathLike], size: int =
                            f'relative output error {error:.2g}); nothing was written. Please report this as a bug.')
 
 
+# File signatures of the image formats a model card on the Hub displays.
+_IMAGE_SIGNATURES = {'.png': (b'\x89PNG\r\n\x1a\n',), '.jpg': (b'\xff\xd8\xff',), '.jpeg': (b'\xff\xd8\xff',),
+                     '.gif': (b'GIF87a', b'GIF89a'), '.svg': (b'<?xml', b'<svg')}
+
+
+def check_image_file(path: Union[str, os.PathLike], what: str) -> None:
+    """FileNotFoundError / ValueError unless `path` is a PNG, JPEG, GIF or SVG file whose first bytes say so."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{what} {str(path)!r} does not exist.')
+    signatures = _IMAGE_SIGNATURES.get(Path(path).suffix.lower())
+    with open(path, 'rb') as f:
+        head = f.read(16).lstrip()
+    if signatures is None or not head.startswith(signatures):
+        raise ValueError(f'{what} {str(path)!r} is not a PNG, JPEG, GIF or SVG image (by its name and first bytes); '
+                         f'give the search.png the search wrote.')
+
+
 def export_for_hub(
         model: nn.Module,
         out_dir: Union[str, os.PathLike],
@@ -403,8 +423,8 @@ def export_for_hub(
                               f'written).')
     if model.genotype is None:
         raise ValueError('The model has open search slots; fix them (model.fix_to_genotype()) before exporting.')
-    if search_plot is not None and not os.path.isfile(search_plot):
-        raise FileNotFoundError(f'Search plot {str(search_plot)!r} does not exist.')
+    if search_plot is not None:
+        check_image_file(search_plot, 'Search plot')
     if repo_id is not None:
         check_repo_id(repo_id)  # the model card's load line names it
     model_name = model_name or model.pretrained_cfg['architecture']
