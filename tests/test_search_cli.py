@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -56,6 +57,14 @@ def test_end_to_end_search_writes_every_output(data_dir, tmp_path):
     assert checkpoint['genotype'] == genotype.to_string()
     fixed = timm.create_model('mobilenetv2_metapool_035', genotype=str(out / 'genotype.json'), num_classes=8)
     fixed.load_state_dict(checkpoint['state_dict'])  # the searched weights fit the fixed architecture
+
+
+def test_retrain_command_survives_spaces_in_paths(data_dir, tmp_path):
+    out = tmp_path / 'my runs' / 'search 1'
+    main(search_args(data_dir, out, '--epochs', '1', '--max-images', '32', '-b', '8'))
+    argv = shlex.split((out / 'retrain_command.txt').read_text())
+    assert argv[argv.index('--data-dir') + 1] == data_dir
+    assert argv[argv.index('--model-kwargs') + 1] == f'genotype={out / "genotype.json"}'
 
 
 def _wait_for_checkpoint(path, process, timeout=300):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -380,16 +381,19 @@ def unconverted_by_train_py(args: argparse.Namespace, stored_mode: Optional[str]
 
 
 def retrain_command(args, genotype_path: str, num_classes: int, data_config) -> str:
+    """timm train.py's command line for the paper's retrain recipe on the searched data (shell-quoted)."""
     data = args.data_dir or os.path.join(args.output, 'demo_data')
+    quote = shlex.quote
     parts = [
-        'python train.py', f'--data-dir {data}', f'--dataset {args.dataset!r}' if args.dataset else '',
-        '--device-modules timm_metapool', f'--model {args.model}', f'--model-kwargs genotype={genotype_path}',
-        f'--train-split {args.train_split}' if args.train_split != 'train' else '',
+        'python train.py', f'--data-dir {quote(data)}', f'--dataset {quote(args.dataset)}' if args.dataset else '',
+        '--device-modules timm_metapool', f'--model {args.model}',
+        f'--model-kwargs {quote("genotype=" + genotype_path)}',
+        f'--train-split {quote(args.train_split)}' if args.train_split != 'train' else '',
         f'--num-classes {num_classes}', f"--input-size {' '.join(map(str, data_config['input_size']))}",
         # the normalisation and image mode the genotype was searched with, which train.py would not derive
         f"--mean {' '.join(map(str, args.mean))}" if args.mean else '',
         f"--std {' '.join(map(str, args.std))}" if args.std else '',
-        f'--input-img-mode {args.input_img_mode}' if args.input_img_mode else '',
+        f'--input-img-mode {quote(args.input_img_mode)}' if args.input_img_mode else '',
         '--epochs 200 --sched cosine --opt sgd --lr 0.05 --momentum 0.9 --weight-decay 4e-5 -b 128',
     ]
     return ' '.join(p for p in parts if p)
