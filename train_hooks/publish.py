@@ -105,7 +105,7 @@ def publish(args: argparse.Namespace) -> str:
         repo_id, commit = hub.push_export(out, args.repo_id, token=token, private=args.private)
         print(f'Pushed to https://huggingface.co/{repo_id} ({commit})')
         return f"timm.create_model('hf-hub:{repo_id}', pretrained=True)"
-    return f"timm.create_model('local-dir:{out}', pretrained=True)"
+    return f"timm.create_model({f'local-dir:{out}'!r}, pretrained=True)"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
