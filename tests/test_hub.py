@@ -384,6 +384,24 @@ def test_publish_one_channel_model(work):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_export_keeps_a_training_model_training(work):
+    """A model exported mid-training (e.g. a checkpoint callback) goes back to training mode: BN keeps updating its
+    statistics after the export, as it would have without it."""
+    model = timm.create_model(MODEL, genotype=GENOTYPE, num_classes=NUM_CLASSES).train()
+    export_for_hub(model, work / 'mid_training_export')
+    assert model.training and all(m.training for m in model.modules())
+    eval_model = timm.create_model(MODEL, genotype=GENOTYPE, num_classes=NUM_CLASSES).eval()
+    export_for_hub(eval_model, work / 'eval_export')
+    assert not any(m.training for m in eval_model.modules())
+
+
+def test_export_under_another_architecture_name_is_refused(work, trained):
+    out = work / 'renamed_export'
+    with pytest.raises(ValueError, match=f'built as {MODEL}, not mobilenetv2_metapool_100'):
+        export_for_hub(trained[0], out, model_name='mobilenetv2_metapool_100')
+    assert not out.exists()
+
+
 def test_reparameterized_model_exports_its_genotype(work):
     """timm's reparameterize_model moves every fixed avgK pool into its block's projection: the exported genotype is
     still the trained one, and the export loads into a model that computes what the rewritten one does."""

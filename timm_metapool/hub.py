@@ -257,6 +257,10 @@ def check_loads_as_built(model: nn.Module, model_name: str) -> None:
     export will build it: the same state_dict keys and shapes (compared on the 'meta' device, nothing allocated)."""
     import timm
 
+    built_as = model.pretrained_cfg.get('architecture')
+    if built_as is not None and built_as != model_name:
+        raise ValueError(f'The model was built as {built_as}, not {model_name}: export it under its own name (leave '
+                         f'model_name out). Nothing was written.')
     state = model.state_dict()
     with torch.device('meta'):
         built = timm.create_model(model_name, genotype=model.genotype, **_infer_head(state)).state_dict()
@@ -431,6 +435,7 @@ def export_for_hub(
     check_loads_as_built(model, model_name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    was_training = model.training  # exported and checked in eval mode; a model mid-training goes back to training
     try:
         save_for_hf(model.eval(), str(staging), model_args=dict(genotype=model.genotype.to_string()),
                     safe_serialization=True, data_config=data_config)
@@ -450,6 +455,8 @@ def export_for_hub(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        model.train(was_training)
     return out_dir
 
 
