@@ -80,6 +80,10 @@ def test_unreadable_file(tmp_path):
         Genotype.parse(str(tmp_path / 'missing.json'))
     with pytest.raises(ValueError, match='Cannot read genotype file'):
         Genotype.parse(pathlib.Path(tmp_path))  # a directory
+    binary = tmp_path / 'weights.json'  # e.g. a checkpoint given where the genotype goes
+    binary.write_bytes(b'\x80\x02\xff' + bytes(range(256)))
+    with pytest.raises(ValueError, match=r"Genotype file '.*weights\.json' is not UTF-8 text"):
+        Genotype.parse(str(binary))
 
 
 @pytest.mark.parametrize('bad, message', [

@@ -184,8 +184,9 @@ def test_hf_hub_and_registered_tag_offline_from_prefilled_cache(work, export_dir
 
 def test_unpublished_tag_fails_fast_naming_the_repo(work):
     tag, entry = next(iter(PRETRAINED_TAGS.items()))
-    code = f"import timm, timm_metapool; timm.create_model({tag.split('.')[0]!r}, pretrained=True)"
-    for offline in ('1', '0'):
+    for offline, kwargs in (('1', ''), ('0', ''), ('0', ", genotype='skip'")):
+        # With a genotype too: nothing to read it from, but timm would still try (and retry) the download.
+        code = f"import timm, timm_metapool; timm.create_model({tag.split('.')[0]!r}, pretrained=True{kwargs})"
         proc = subprocess.run(
             [sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
             env=_subprocess_env(HF_HUB_CACHE=str(work / 'empty_cache'), HF_HUB_OFFLINE=offline))
@@ -433,3 +434,105 @@ def test_model_whose_weights_would_not_load_is_not_exported(work, trained, varia
         export_for_hub(model, out)
     assert not out.exists()
     assert not [p for p in work.iterdir() if p.name.startswith(f'.{variant}_export.')]
+
+
+def test_features_only_model_loads_an_export(export_dir, trained):
+    """timm drops the head of pretrained weights for a features_only model; the filter must let it."""
+    features = timm.create_model(f'local-dir:{export_dir}', pretrained=True, features_only=True).eval()
+    reference = timm.create_model(MODEL, genotype=GENOTYPE, features_only=True).eval()
+    missing, unexpected = reference.load_state_dict(trained[0].state_dict(), strict=False)
+    assert not missing and set(unexpected) >= {'classifier.weight', 'classifier.bias'}
+    with torch.no_grad():
+        for got, want in zip(features(_input()), reference(_input())):
+            assert torch.equal(got, want)
+
+
+def test_channels_last_model_exports_and_keeps_its_layout(work, trained):
+    model = _randomize_bn(timm.create_model(MODEL, genotype=GENOTYPE, num_classes=NUM_CLASSES)).eval()
+    model.to(memory_format=torch.channels_last)
+    out = export_for_hub(model, work / 'channels_last_export')
+    assert model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    torch.testing.assert_close(_outputs(loaded), _outputs(model), rtol=1e-5, atol=1e-6)
+
+
+def test_export_folder_has_the_permissions_of_a_folder_the_user_makes(work, trained):
+    reference = work / 'made_by_user'
+    reference.mkdir()
+    out = export_for_hub(trained[0], work / 'permissions_export')
+    assert (out.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)
+
+
+def test_dangling_symlink_as_out_is_refused_first(work, trained):
+    link = work / 'dangling'
+    link.symlink_to(work / 'nowhere')
+    with pytest.raises(SystemExit, match='already exists'):
+        publish.main(['--checkpoint', str(trained[1]), '--model', MODEL, '--out', str(link)])
+    with pytest.raises(FileExistsError, match='already exists'):
+        export_for_hub(trained[0], link)
+    assert link.is_symlink() and not (work / 'nowhere').exists()
+
+
+def _summary_csv(path, top1_by_epoch):
+    rows = ['epoch,train_loss,eval_loss,eval_top1,eval_top5']
+    rows += [f'{e},1.0,1.0,{top1},90.0' for e, top1 in enumerate(top1_by_epoch)]
+    path.write_text('\n'.join(rows) + '\n')
+    return path
+
+
+def test_card_metrics_are_those_of_the_checkpoints_epoch(work, trained):
+    summary = _summary_csv(work / 'summary.csv', [10.0, 80.0, 30.0, 40.0])  # the checkpoint is epoch 3
+    out = work / 'epoch_metrics_export'
+    publish.main(['--checkpoint', str(trained[1]), '--model', MODEL, '--out', str(out), '--metrics', str(summary)])
+    card = (out / 'README.md').read_text()
+    assert '| eval_top1 | 40.0 |' in card and '| epoch | 3 |' in card and '80.0' not in card
+    short = _summary_csv(work / 'summary_short.csv', [10.0, 80.0])
+    with pytest.raises(SystemExit, match='no row for epoch 3'):
+        publish.main(['--checkpoint', str(trained[1]), '--model', MODEL, '--out', str(work / 'short_export'),
+                      '--metrics', str(short)])
+
+
+def test_ema_runs_summary_is_refused_for_the_non_ema_weights(work, trained):
+    args = argparse.Namespace(model=MODEL, model_kwargs={'genotype': GENOTYPE.to_string()}, model_ema=True,
+                              model_ema_force_cpu=False)
+    state = trained[0].state_dict()
+    checkpoint = work / 'ema_best.pth.tar'
+    torch.save({'epoch': 1, 'arch': MODEL, 'args': args, 'state_dict': state, 'state_dict_ema': state}, checkpoint)
+    summary = _summary_csv(work / 'ema_summary.csv', [10.0, 20.0])
+    with pytest.raises(SystemExit, match='EMA weights.*Add --use-ema'):
+        publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(work / 'ema_refused'),
+                      '--metrics', str(summary)])
+    out = work / 'ema_export'
+    publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(out), '--metrics', str(summary),
+                  '--use-ema'])
+    assert '| eval_top1 | 20.0 |' in (out / 'README.md').read_text()
+
+
+def test_genotype_file_changed_after_training_is_refused(work):
+    """train.py keeps `--model-kwargs genotype=PATH` as a path: a file rewritten after the checkpoint (a new search
+    in the same folder) may not be the trained genotype, and its pooling slots would not show in the weights."""
+    genotype_path = work / 'later' / 'genotype.json'
+    genotype_path.parent.mkdir()
+    genotype_path.write_text(GENOTYPE.to_json())
+    model = timm.create_model(MODEL, genotype=GENOTYPE, num_classes=NUM_CLASSES)
+    args = argparse.Namespace(model=MODEL, model_kwargs={'genotype': str(genotype_path)})
+    checkpoint = work / 'later' / 'model_best.pth.tar'
+    torch.save({'epoch': 0, 'arch': MODEL, 'args': args, 'state_dict': model.state_dict()}, checkpoint)
+    other = _genotype_with(1, 'avg7' if GENOTYPE[1] != 'avg7' else 'max7')  # a parameter-free slot changed
+    genotype_path.write_text(other.to_json())
+    os.utime(genotype_path, (os.path.getmtime(checkpoint) + 10,) * 2)
+    with pytest.raises(SystemExit, match='modified after the checkpoint was written.*--genotype'):
+        publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(work / 'later_export')])
+    assert not (work / 'later_export').exists()
+    genotype_path.write_text(GENOTYPE.to_json())  # confirmed by hand: the file as it is, named with --genotype
+    publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(work / 'later_export'),
+                  '--genotype', str(genotype_path)])
+
+
+def test_relative_genotype_path_from_another_directory_names_where_it_counts_from(work, trained, monkeypatch):
+    args = argparse.Namespace(model=MODEL, model_kwargs={'genotype': 'runs/s1/genotype.json'})
+    checkpoint = work / 'relative_best.pth.tar'
+    torch.save({'epoch': 0, 'arch': MODEL, 'args': args, 'state_dict': trained[0].state_dict()}, checkpoint)
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit, match="'runs/s1/genotype.json'.*not found from .*where train.py ran"):
+        publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(work / 'relative_export')])

@@ -100,6 +100,35 @@ def test_fix_to_genotype_rejects_conflicts():
     assert model.open_slots() == list(range(1, 16))
 
 
+def test_refused_genotype_leaves_every_slot_as_it_was():
+    model = timm.create_model('mobilenetv2_metapool_035')
+    model.fix_slot(5, 'avg5')
+    alphas = [s.arch_alpha.detach().clone() for s in model.enhancer_slots() if hasattr(s, 'arch_alpha')]
+    with pytest.raises(ValueError, match="Slot 5 is fixed to 'avg5', the genotype asks for 'max3'"):
+        model.fix_to_genotype('max3')  # slots 0-4 come before the conflict
+    assert model.open_slots() == [i for i in range(16) if i != 5]
+    assert all(torch.equal(a, s.arch_alpha) for a, s in
+               zip(alphas, [s for s in model.enhancer_slots() if hasattr(s, 'arch_alpha')]))
+
+
+def test_slot_fixed_by_its_metapooling_is_finalized_by_the_model():
+    """MetaPooling.fix on one slot, then the model's own fixing: the slot becomes its bare op with its weights, and
+    the model reaches a genotype whose state_dict loads into a model built from it."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_metapool_035', num_classes=10)
+    slot = model.enhancer_slots()[3]
+    conv_h = slot.ops['global'].conv_h.weight
+    slot.fix(slot.op_names.index('global'))
+    assert model.genotype is None and 3 not in model.open_slots()
+    with pytest.raises(ValueError, match=r"Slot 3 is already fixed to 'global' \(by MetaPooling.fix\), not 'avg3'"):
+        model.fix_slot(3, 'avg3')
+    genotype = model.fix_to_genotype()
+    assert genotype[3] == 'global' and model.genotype == genotype
+    assert model.enhancer_slots()[3].conv_h.weight is conv_h
+    fresh = timm.create_model('mobilenetv2_metapool_035', genotype=genotype, num_classes=10)
+    fresh.load_state_dict(model.state_dict())  # strict
+
+
 def test_genotype_forms_and_errors_through_create_model(tmp_path):
     ops = Genotype.parse('random:5', num_slots=16)
     path = tmp_path / 'genotype.json'

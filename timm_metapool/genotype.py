@@ -94,6 +94,9 @@ class Genotype:
                 text = f.read()
         except OSError as e:
             raise ValueError(f'Cannot read genotype file {str(path)!r}: {e.strerror or e}.') from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f'Genotype file {str(path)!r} is not UTF-8 text, so not a genotype JSON file '
+                             f'({e.reason} at byte {e.start}).') from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

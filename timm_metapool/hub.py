@@ -6,6 +6,7 @@ genotype repeated in the safetensors header metadata, and a `README.md` model ca
 Load-time checks (`checkpoint_filter_fn`) refuse weights whose enhancer slots disagree with the model's genotype.
 """
 import argparse
+import copy
 import csv
 import json
 import os
@@ -50,6 +51,13 @@ class TrainedCheckpoint:
     arch: Optional[str] = None
     genotype: Optional[Any] = None
     train_args: Dict[str, Any] = field(default_factory=dict)
+    epoch: Optional[int] = None
+
+    @property
+    def summary_describes_ema(self) -> bool:
+        """Whether timm train.py's summary.csv of this run holds the EMA weights' eval metrics (it evaluates the EMA
+        in place of the model under --model-ema, unless the EMA is kept on the CPU)."""
+        return bool(self.train_args.get('model_ema')) and not self.train_args.get('model_ema_force_cpu')
 
     @property
     def data_config(self) -> Dict[str, Any]:
@@ -103,8 +111,10 @@ def load_trained_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False
         genotype = (train_args.get('model_kwargs') or {}).get('genotype')
     # timm train.py names the architecture 'arch'; the search names it 'model'.
     arch = data.get('arch') or (data['model'] if isinstance(data.get('model'), str) else None)
-    return TrainedCheckpoint(
-        state_dict=clean_state_dict(data[key]), path=path, arch=arch, genotype=genotype, train_args=train_args)
+    # Only timm train.py checkpoints (with 'arch') number their epochs as its summary.csv does.
+    epoch = data.get('epoch') if data.get('arch') else None
+    return TrainedCheckpoint(state_dict=clean_state_dict(data[key]), path=path, arch=arch, genotype=genotype,
+                             train_args=train_args, epoch=epoch if isinstance(epoch, int) else None)
 
 
 def parse_checkpoint_genotype(value: Any, num_slots: int) -> Genotype:
@@ -191,11 +201,12 @@ def check_classifier_size(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
     `pretrained_cfg_overlay=dict(file=...)` without the weights' `num_classes`."""
     weight = state_dict.get('classifier.weight')
     declared = model.pretrained_cfg.get('num_classes')
-    if weight is None or declared is None or model.num_classes != declared or weight.shape[0] == declared:
+    built_for = getattr(model, 'num_classes', None)  # None for features_only models: timm drops the head
+    if weight is None or declared is None or built_for != declared or weight.shape[0] == declared:
         return
     trained = weight.shape[0]
     raise ValueError(f'The weights\' classifier has {trained} classes, but the pretrained cfg declares {declared} '
-                     f'and the model was built for {model.num_classes}: pass num_classes={trained} to '
+                     f'and the model was built for {built_for}: pass num_classes={trained} to '
                      f'timm.create_model and to pretrained_cfg_overlay. To fine-tune with another number of classes, '
                      f'give the model yours and the overlay num_classes={trained}; timm then drops the head.')
 
@@ -290,8 +301,9 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
     return '\n'.join(rows)
 
 
-def read_metrics(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Metrics for the model card: a flat JSON object, or timm train.py's `summary.csv` (its best `eval_top1` row)."""
+def read_metrics(path: Union[str, os.PathLike], epoch: Optional[int] = None) -> Dict[str, Any]:
+    """Metrics for the model card: a flat JSON object, or timm train.py's `summary.csv`: the row of `epoch` (the
+    exported checkpoint's) when given, else the best `eval_top1` row."""
     path = str(path)
     try:
         if path.endswith('.csv'):
@@ -299,8 +311,15 @@ def read_metrics(path: Union[str, os.PathLike]) -> Dict[str, Any]:
                 rows = list(csv.DictReader(f))
             if not rows:
                 raise ValueError('it has no rows')
-            best = max(rows, key=lambda r: float(r.get('eval_top1') or 'nan'))
-            return {k: v for k, v in best.items() if k.startswith('eval_') or k == 'epoch'}
+            if epoch is None:
+                row = max(rows, key=lambda r: float(r.get('eval_top1') or 'nan'))
+            else:
+                matching = [r for r in rows if r.get('epoch') not in (None, '') and float(r['epoch']) == epoch]
+                if not matching:
+                    raise ValueError(f"it has no row for epoch {epoch}, the checkpoint's (is it the summary.csv of "
+                                     f"the checkpoint's own run?)")
+                row = matching[-1]  # a resumed run appends the epoch again: the last row is the weights saved
+            return {k: v for k, v in row.items() if k.startswith('eval_') or k == 'epoch'}
         with open(path, encoding='utf-8') as f:
             metrics = json.load(f)
         if not isinstance(metrics, dict):
@@ -403,6 +422,21 @@ def check_image_file(path: Union[str, os.PathLike], what: str) -> None:
                          f'give the search.png the search wrote.')
 
 
+def _current_umask() -> int:
+    umask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(umask)
+    return umask
+
+
+def _with_contiguous_weights(model: nn.Module) -> nn.Module:
+    """`model`, or a copy of it with contiguous (NCHW) weights where any are not: safetensors stores contiguous
+    tensors only, and a model trained channels-last (timm train.py --channels-last) keeps its conv weights so. The
+    user's model keeps its layout."""
+    if all(t.is_contiguous() for t in model.state_dict().values()):
+        return model
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+
+
 def export_for_hub(
         model: nn.Module,
         out_dir: Union[str, os.PathLike],
@@ -422,7 +456,7 @@ def export_for_hub(
     from timm.models import save_for_hf
 
     out_dir = Path(out_dir)
-    if out_dir.exists():
+    if os.path.lexists(out_dir):  # a dangling symlink too: os.replace could not put the export there
         raise FileExistsError(f'Output directory {str(out_dir)!r} already exists; give a new --out (nothing was '
                               f'written).')
     if model.genotype is None:
@@ -437,9 +471,12 @@ def export_for_hub(
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     was_training = model.training  # exported and checked in eval mode; a model mid-training goes back to training
     try:
-        save_for_hf(model.eval(), str(staging), model_args=dict(genotype=model.genotype.to_string()),
+        # mkdtemp makes the folder private (0700); the export gets the permissions of any folder the user makes.
+        os.chmod(staging, 0o777 & ~_current_umask())
+        exported = _with_contiguous_weights(model)
+        save_for_hf(exported.eval(), str(staging), model_args=dict(genotype=model.genotype.to_string()),
                     safe_serialization=True, data_config=data_config)
-        _write_safetensors_with_genotype(model, staging / 'model.safetensors', model_name)
+        _write_safetensors_with_genotype(exported, staging / 'model.safetensors', model_name)
         plot_name = None
         if search_plot is not None:
             plot_name = 'search_plot' + Path(search_plot).suffix
@@ -447,8 +484,8 @@ def export_for_hub(
         card = render_model_card(model, model_name, repo_id=repo_id, search_plot=plot_name, metrics=metrics,
                                  dataset=dataset)
         (staging / 'README.md').write_text(card, encoding='utf-8')
-        verify_export(model, staging)
-        if out_dir.exists():  # appeared while we were writing
+        verify_export(exported, staging)
+        if os.path.lexists(out_dir):  # appeared while we were writing
             raise FileExistsError(f'Output directory {str(out_dir)!r} appeared during the export; nothing was '
                                   f'written to it.')
         os.replace(staging, out_dir)

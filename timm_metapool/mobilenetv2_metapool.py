@@ -104,7 +104,8 @@ class MetaPoolingMixin:
     def fix_slot(self, index: int, op_name: str) -> nn.Module:
         """Replace open slot `index` by its candidate `op_name`, keeping that op's trained weights.
 
-        The replaced slot holds the bare op, so the state_dict matches a model built from the final genotype.
+        The replaced slot holds the bare op, so the state_dict matches a model built from the final genotype. A slot
+        whose MetaPooling was fixed on its own (`MetaPooling.fix`) is replaced by its chosen op the same way.
         """
         blocks = self.enhancer_blocks()
         if not 0 <= index < len(blocks):  # negative indices too: fix events and logs name slots by their index
@@ -112,24 +113,38 @@ class MetaPoolingMixin:
                              f'0 to {len(blocks) - 1}.')
         block = blocks[index]
         slot = block.se
+        self._check_can_fix(index, op_name)
+        block.se = slot.ops[op_name] if slot.is_fixed else slot.fix(slot.op_names.index(op_name))
+        return block.se
+
+    def _check_can_fix(self, index: int, op_name: str) -> None:
+        """ValueError unless slot `index` can take `op_name`: it searches (or was fixed to `op_name` inside its
+        MetaPooling) and has that candidate."""
+        slot = self.enhancer_slots()[index]
         if not isinstance(slot, MetaPooling):
             raise ValueError(f'Slot {index} is already fixed to {op_name_of(slot)!r}.')
+        if slot.is_fixed and slot.chosen != op_name:
+            raise ValueError(f'Slot {index} is already fixed to {slot.chosen!r} (by MetaPooling.fix), not '
+                             f'{op_name!r}.')
         if op_name not in slot.op_names:
             raise ValueError(f'Slot {index} has no candidate {op_name!r}; its candidates are {slot.op_names}.')
-        block.se = slot.fix(slot.op_names.index(op_name))
-        return block.se
 
     def fix_to_genotype(self, genotype: Optional[GenotypeLike] = None) -> Genotype:
         """Fix every open slot in place to `genotype` (default: `derive_genotype()`); returns the final genotype.
 
-        Slots already fixed must agree with the genotype.
+        Slots already fixed must agree with the genotype. The whole genotype is checked before any slot is fixed, so
+        a refused genotype leaves the model as it was.
         """
         target = self.derive_genotype() if genotype is None else Genotype.parse(genotype, num_slots=self.num_slots)
+        to_fix = []
         for index, (slot, op_name) in enumerate(zip(self.enhancer_slots(), target)):
             if isinstance(slot, MetaPooling):
-                self.fix_slot(index, op_name)
+                self._check_can_fix(index, op_name)
+                to_fix.append((index, op_name))
             elif op_name_of(slot) != op_name:
                 raise ValueError(f'Slot {index} is fixed to {op_name_of(slot)!r}, the genotype asks for {op_name!r}.')
+        for index, op_name in to_fix:
+            self.fix_slot(index, op_name)
         return target
 
 

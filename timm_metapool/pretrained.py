@@ -119,6 +119,11 @@ def _genotype_from_config_file(path: str, repo_id: str) -> str:
     return genotype
 
 
+def _unpublished(repo_id: str) -> RuntimeError:
+    return RuntimeError(f'No pretrained weights are published for {repo_id!r} yet (and none are in the local Hub '
+                        f'cache). {_INSTEAD}')
+
+
 def _download_config(repo_id: str, published: bool) -> str:
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
@@ -127,9 +132,7 @@ def _download_config(repo_id: str, published: bool) -> str:
     if isinstance(cached, str):
         return cached
     if not published:
-        raise RuntimeError(
-            f'No pretrained weights are published for {repo_id!r} yet (and none are in the local Hub cache). '
-            f'{_INSTEAD}')
+        raise _unpublished(repo_id)
     if constants.HF_HUB_OFFLINE:
         raise RuntimeError(f'HF_HUB_OFFLINE is set and {repo_id!r} is not in the local Hub cache. Download it '
                            f'once online, or unset HF_HUB_OFFLINE. {_INSTEAD}')
@@ -138,6 +141,12 @@ def _download_config(repo_id: str, published: bool) -> str:
     except Exception as e:  # network, auth and missing-repo errors all end the same way for the user
         raise RuntimeError(f'Cannot fetch config.json of {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: '
                            f'{e}). {_INSTEAD}') from e
+
+
+def _is_published(variant: str, cfg: PretrainedCfg) -> bool:
+    """False for a registered tag whose Hub repo has no files yet (`PRETRAINED_TAGS`); True for any other repo."""
+    tag = PRETRAINED_TAGS.get(f'{variant}.{cfg.tag}' if cfg.tag else variant, {})
+    return tag.get('published', True) or cfg.hf_hub_id != tag.get('hf_hub_id')
 
 
 def _genotype_of_weights(variant: str, cfg: PretrainedCfg) -> str:
@@ -151,9 +160,8 @@ def _genotype_of_weights(variant: str, cfg: PretrainedCfg) -> str:
         raise ValueError(f'Weights {cfg.file!r} carry no genotype in their metadata; pass genotype=... (the one '
                          f'they were trained with) or re-export them with `python -m train_hooks.publish`.')
     if cfg.hf_hub_id:
-        tag = f'{variant}.{cfg.tag}' if cfg.tag else variant
-        published = PRETRAINED_TAGS.get(tag, {}).get('published', True)
-        return _genotype_from_config_file(_download_config(cfg.hf_hub_id, published), cfg.hf_hub_id)
+        return _genotype_from_config_file(_download_config(cfg.hf_hub_id, _is_published(variant, cfg)),
+                                          cfg.hf_hub_id)
     raise RuntimeError(f'{variant} has no pretrained weights registered (tags with weights: '
                        f"{', '.join(PRETRAINED_TAGS) or 'none'}). {_INSTEAD}")
 
@@ -174,5 +182,8 @@ def resolve_pretrained_genotype(
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     if genotype is None:
         return _genotype_of_weights(variant, cfg)
+    if cfg.hf_hub_id and not local_weights_file(cfg) and not _is_published(variant, cfg):
+        # Fail here, as without a genotype: timm would otherwise try (and retry) to download the missing files.
+        raise _unpublished(cfg.hf_hub_id)
     check_weights_genotype(cfg, Genotype.parse(genotype, num_slots=num_slots))
     return genotype

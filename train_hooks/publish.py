@@ -9,6 +9,7 @@ Accepts timm train.py checkpoints (`checkpoint-*.pth.tar`, `model_best.pth.tar`:
 The export is checked by loading it back with `timm.create_model('local-dir:OUT', pretrained=True)`.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -51,6 +52,26 @@ def _check_model_name(model_name: str, checkpoint_arch: Optional[str]) -> None:
                          f'--model {checkpoint_arch}.')
 
 
+def _check_stored_genotype_file(stored, checkpoint_path: str) -> None:
+    """Refuse a genotype the checkpoint names only by a file path (timm train.py keeps `--model-kwargs
+    genotype=PATH` as given) where that file cannot be the one trained with: missing from here, or changed after the
+    checkpoint was written. Parameter-free slots (pools, skip) leave no trace in the weights, so the weights cannot
+    tell a changed file apart."""
+    from timm_metapool import OP_NAMES
+
+    if not isinstance(stored, str) or ',' in stored or stored in OP_NAMES or stored.lower().startswith('random:'):
+        return  # the genotype itself, not a path
+    if not os.path.isfile(stored):
+        raise ValueError(f'Checkpoint {checkpoint_path!r} names its genotype only by the file {stored!r}, as given to '
+                         f'train.py, which is not found from {os.getcwd()!r} (a relative path counts from where '
+                         f'train.py ran). Run publish from there, or pass --genotype.')
+    if os.path.getmtime(stored) > os.path.getmtime(checkpoint_path):
+        raise ValueError(f'Genotype file {stored!r}, which checkpoint {checkpoint_path!r} names as its genotype, was '
+                         f'modified after the checkpoint was written: it may no longer hold the genotype the weights '
+                         f'were trained with. Pass --genotype with that genotype (--genotype {stored} to confirm the '
+                         f'file as it is).')
+
+
 def _choose_genotype(requested: Optional[str], stored, num_slots: int, checkpoint_path: str):
     from timm_metapool.hub import parse_checkpoint_genotype
     from timm_metapool.pretrained import first_genotype_difference
@@ -59,6 +80,7 @@ def _choose_genotype(requested: Optional[str], stored, num_slots: int, checkpoin
         raise ValueError(f'Checkpoint {checkpoint_path!r} does not say which genotype it was trained with; pass '
                          f'--genotype (the genotype.json of the search, or the string used for training).')
     if requested is None:
+        _check_stored_genotype_file(stored, checkpoint_path)
         try:
             return parse_checkpoint_genotype(stored, num_slots)
         except ValueError as e:
@@ -76,6 +98,18 @@ def _choose_genotype(requested: Optional[str], stored, num_slots: int, checkpoin
     return genotype
 
 
+def _read_card_metrics(path: str, checkpoint, use_ema: bool):
+    """The model card's metrics: summary.csv's row of the checkpoint's epoch, refused where it describes other
+    weights than those exported."""
+    from timm_metapool import hub
+
+    if path.endswith('.csv') and checkpoint.summary_describes_ema and not use_ema:
+        raise ValueError(f"--metrics {path!r}: the run trained with --model-ema, and timm train.py's summary.csv then "
+                         f"holds the EMA weights' metrics, not those of the weights exported. Add --use-ema to export "
+                         f"the EMA weights, or give --metrics as a JSON object of the exported weights' metrics.")
+    return hub.read_metrics(path, epoch=checkpoint.epoch)
+
+
 def publish(args: argparse.Namespace) -> str:
     """Run the export (and push); returns the line a user loads the result with."""
     import timm
@@ -86,11 +120,11 @@ def publish(args: argparse.Namespace) -> str:
     if args.repo_id:
         hub.check_repo_id(args.repo_id)
     token = hub.check_push_credentials(args.token) if args.push else None
-    if Path(args.out).exists():
+    if os.path.lexists(args.out):  # a dangling symlink too
         raise FileExistsError(f'Output directory {args.out!r} already exists; give a new --out (nothing was written).')
-    metrics = hub.read_metrics(args.metrics) if args.metrics else None
 
     checkpoint = hub.load_trained_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    metrics = _read_card_metrics(args.metrics, checkpoint, args.use_ema) if args.metrics else None
     _check_model_name(args.model, checkpoint.arch)
     # Presets ('skip', 'random:0') need the slot count; a parameter-free build is the one place that knows it.
     num_slots = timm.create_model(args.model, genotype='skip').num_slots
