@@ -15,6 +15,7 @@ import torch
 import timm
 from torchvision.datasets import FakeData
 from torchvision.transforms import ToTensor
+from PIL import Image
 
 from timm_metapool import Genotype
 from timm_metapool.data import DEMO_CLASSES, DatasetSplit, generate_demo_dataset
@@ -134,7 +135,10 @@ def test_torchrun_two_processes_agree(data_dir, tmp_path):
     ('--num-classes', '0', '--num-classes must be at least 1'),
     ('--hflip', '2', r'--hflip must be a probability in \[0, 1\]'),
     ('--seed', '-1', '--seed must be in'),
-    ('--device', 'gpu0', "--device 'gpu0' is not a torch device"),
+    ('--device', 'gpu0', "--device 'gpu0' is not a device the search runs on"),
+    ('--device', 'meta', "--device 'meta' is not a device the search runs on"),
+    ('--input-img-mode', 'XYZ', "--input-img-mode 'XYZ' is not a PIL image mode"),
+    ('--input-img-mode', 'RGBA', r'--input-img-mode RGBA gives 4-channel images, but the model takes 3'),
 ])
 def test_bad_arguments(data_dir, tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=message):
@@ -283,3 +287,90 @@ def test_resume_from_another_model_or_a_foreign_file(data_dir, tmp_path):
         main(['--resume', str(foreign)] + search_args(data_dir, out))
     with pytest.raises(SystemExit, match='is not a file'):
         main(['--resume', str(tmp_path / 'nope.pth')] + search_args(data_dir, out))
+
+
+def _image_folder(root, classes, per_class, size=16):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                os.path.join(root, name, f'{i}.png'))
+    return str(root)
+
+
+def test_validation_folder_is_never_read_as_training_data(tmp_path):
+    # No 'train' folder (here 'Train'): timm reads the whole root as the training split, 'val' included.
+    _image_folder(tmp_path / 'data' / 'Train', ['a', 'b'], 6)
+    _image_folder(tmp_path / 'data' / 'val', ['a', 'b'], 4)
+    with pytest.raises(SystemExit, match=r"no 'train' folder.*the 'val' folder included.*--train-split.*Train, val"):
+        main(search_args(str(tmp_path / 'data'), tmp_path / 'out'))
+    assert not (tmp_path / 'out').exists()
+    main(search_args(str(tmp_path / 'data'), tmp_path / 'out', '--train-split', 'Train', '-b', '2', '--epochs', '1'))
+    assert json.loads((tmp_path / 'out' / 'genotype.json').read_text())['args']['train_split'] == 'Train'
+
+
+def test_output_inside_the_training_images_is_refused(tmp_path):
+    root = _image_folder(tmp_path / 'flat', ['a', 'b'], 6)  # classes at the root: the root is the split
+    with pytest.raises(SystemExit, match='is inside the training images'):
+        main(search_args(root, tmp_path / 'flat' / 'run'))
+    assert sorted(os.listdir(root)) == ['a', 'b']
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['-b', '1'], r'--batch-size 1 over 1 process\(es\) at input 32x32 gives BatchNorm one value per channel'),
+    (['--meta-batch-size', '1'], r'--meta-batch-size 1 over 1 process\(es\)'),
+    (['--max-images', '10'], r'--max-images 10 is too few for the 8 classes.*at least 16'),
+])
+def test_batches_and_samples_too_small_for_the_data_name_their_flag(data_dir, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(search_args(data_dir, tmp_path / 'out', *extra))
+    assert not (tmp_path / 'out').exists()
+
+
+def test_resume_keeps_what_makes_the_model_and_the_split(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    main(search_args(data_dir, out, '--epochs', '1'))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
+    resume = ['--resume', str(out / 'last.pth'), '--epochs', '2']
+    for flag, value in (('--num-classes', '12'), ('--seed', '7'), ('--meta-fraction', '0.3'),
+                        ('--data-dir', str(tmp_path))):
+        with pytest.raises(SystemExit, match=f'{flag} {value} differs from the run being resumed'):
+            main(resume + [flag, value])
+    # Into another run's folder: refused unless --overwrite, and that run's files are left as they were.
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'genotype.json').write_text('theirs')
+    with pytest.raises(SystemExit, match='exists and is not empty'):
+        main(resume + ['--output', str(other)])
+    assert (other / 'genotype.json').read_text() == 'theirs'
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_demo_run_resumes_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ['--model', 'mobilenetv2_metapool_035', '--workers', '0', '--quiet', '-b', '16', '--max-images', '64',
+              '--lr', '0.01']
+    main(['--output', 'demo', '--epochs', '1'] + common)  # a relative --output, the demo data inside it
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # The resume reads the dataset again (the saved path was 'demo/demo_data', relative to the first directory).
+    main(['--resume', str(tmp_path / 'demo' / 'last.pth'), '--epochs', '2'])
+    assert os.listdir(elsewhere) == []  # found the demo data beside the checkpoint, generated nothing here
+
+
+def test_global_batches_split_evenly_over_torchrun_processes():
+    from train_hooks.search import build_parser, per_process_batches
+    args = build_parser().parse_args(['-b', '8', '--meta-batch-size', '4'])
+    assert per_process_batches(args, world_size=2, input_size=(3, 32, 32)) == (4, 2)
+    args.batch_size = 3  # used to run as 2 per process (a global batch of 4), silently
+    with pytest.raises(SystemExit, match='--batch-size 3 is the global batch, split evenly over the 2 processes'):
+        per_process_batches(args, world_size=2, input_size=(3, 32, 32))
+    args.batch_size, args.meta_batch_size = 8, 1  # used to be blamed on --batch-size
+    with pytest.raises(SystemExit, match='--meta-batch-size 1 is the global batch'):
+        per_process_batches(args, world_size=2, input_size=(3, 32, 32))
+    args.meta_batch_size = 2  # one image per process: fine where the last feature map has more than one value
+    assert per_process_batches(args, world_size=2, input_size=(3, 64, 64)) == (4, 1)
+    with pytest.raises(SystemExit, match='gives BatchNorm one value per channel'):
+        per_process_batches(args, world_size=2, input_size=(3, 32, 32))

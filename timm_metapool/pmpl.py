@@ -253,9 +253,11 @@ class PMPLSearch:
         grads = [g.float() for g in grads]
         _all_reduce_mean(grads)  # every rank takes the same alpha step, hence the same Eq. 4 decisions
         if self.grad_scaler is None and not all(torch.isfinite(g).all() for g in grads):
-            raise FloatingPointError(
-                'The gradient of alpha is not finite: the virtual step theta - zeta * g overflowed the network. '
-                'Lower --lr (zeta), or use --first-order. The last good checkpoint (if any) is kept untouched.')
+            cause = ('the weights have diverged; lower --lr or raise --batch-size' if self.config.first_order else
+                     'the virtual step theta - zeta * g overflowed the network, or the weights have diverged; lower '
+                     '--lr (zeta), raise --batch-size, or use --first-order')
+            raise FloatingPointError(f'The gradient of alpha is not finite: {cause}. The last good checkpoint (if '
+                                     f'any) is kept untouched.')
         for alpha, g in zip(alphas, grads):
             alpha.grad = g.to(alpha.dtype)
         if self.grad_scaler is None:

@@ -16,14 +16,15 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import timm
-from PIL import Image
+from PIL import Image, ImageMode
 from timm.data import create_dataset, create_loader, create_transform, resolve_data_config
+from timm.data.dataset_factory import _search_split  # the rule create_dataset finds a split's folder by
 from timm.scheduler import CosineLRScheduler
 
 import timm_metapool  # noqa: F401  (registers the models)
@@ -35,6 +36,8 @@ from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch
 from .search_plot import plot_search
 
 CHECKPOINT_FORMAT = 1
+# Folder names of splits that must never be trained on (timm's evaluation synonyms, plus 'test').
+_HELD_OUT_SPLIT_NAMES = ('val', 'valid', 'validation', 'eval', 'evaluation', 'test')
 LOG_NAME, GENOTYPE_NAME, PLOT_NAME, CHECKPOINT_NAME, RETRAIN_NAME = (
     'search_log.csv', 'genotype.json', 'search.png', 'last.pth', 'retrain_command.txt')
 
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--meta-fraction', type=float, default=0.5,
                       help='share of each class of the training split moved to the meta split (never validation)')
     data.add_argument('--max-images', type=int, default=None,
-                      help='search on a class-stratified, seeded sample of this many training images')
+                      help='search on a class-stratified, seeded sample of about this many training images (each '
+                           'class takes its rounded share; at least 2 per class)')
     data.add_argument('--num-classes', type=int, default=None, help='default: read from the dataset')
     data.add_argument('--in-chans', type=int, default=None, help="default: --input-size's C, else 3")
     data.add_argument('--img-size', type=int, default=None)
@@ -80,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     search = parser.add_argument_group('PMPL (defaults: paper Sec. 3.1)')
     search.add_argument('--model', default='mobilenetv2_metapool_100')
     search.add_argument('--epochs', type=int, default=30, help='at most this many epochs; ends once all are fixed')
-    search.add_argument('--batch-size', '-b', type=int, default=128)
-    search.add_argument('--meta-batch-size', type=int, default=None, help='default: --batch-size')
+    search.add_argument('--batch-size', '-b', type=int, default=128,
+                        help='global batch: under torchrun each process takes an equal share')
+    search.add_argument('--meta-batch-size', type=int, default=None, help='global; default: --batch-size')
     search.add_argument('--lr', type=float, default=0.05, help='zeta: SGD lr (cosine) and virtual-step size')
     search.add_argument('--momentum', type=float, default=0.9)
     search.add_argument('--weight-decay', type=float, default=4e-5)
@@ -150,6 +155,15 @@ def check_channels(args: argparse.Namespace) -> None:
             raise SystemExit(f'error: {flag} takes 1 value or one per input channel ({channels}), got {len(value)}.')
     if args.std is not None:
         _require(min(args.std) > 0, '--std', 'positive', args.std)
+    if args.input_img_mode is not None:
+        try:
+            bands = len(ImageMode.getmode(args.input_img_mode).bands)
+        except KeyError:
+            raise SystemExit(f"error: --input-img-mode {args.input_img_mode!r} is not a PIL image mode; use e.g. 'RGB', "
+                             f"'L' or 'RGBA'.") from None
+        if bands != channels:
+            raise SystemExit(f'error: --input-img-mode {args.input_img_mode} gives {bands}-channel images, but the model '
+                             f'takes {channels} (--in-chans, else --input-size\'s C, else 3); make them agree.')
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -178,10 +192,12 @@ def check_args(args: argparse.Namespace) -> None:
     pmpl_config(args)
     if args.device is not None:
         try:
-            torch.device(args.device)
+            device_type = torch.device(args.device).type
         except RuntimeError:
-            raise SystemExit(f"error: --device {args.device!r} is not a torch device; use 'cpu', 'cuda' or "
-                             f"'cuda:N'.") from None
+            device_type = None
+        if device_type not in ('cpu', 'cuda'):
+            raise SystemExit(f"error: --device {args.device!r} is not a device the search runs on; use 'cpu', 'cuda' "
+                             f"or 'cuda:N'.")
     if args.model not in timm.list_models('mobilenetv2_metapool*'):
         raise SystemExit(f"error: --model {args.model!r} is not a Meta-Pooling model; choose one of "
                          f"{', '.join(timm.list_models('mobilenetv2_metapool*'))}.")
@@ -192,12 +208,41 @@ def check_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise SystemExit(f'error: --output {args.output!r} is a file, not a directory; nothing was touched. Choose a '
                          f'new --output.')
-    if os.path.isdir(args.output) and os.listdir(args.output) and not (args.resume or args.overwrite):
+    resuming_in_place = args.resume and os.path.isdir(args.output) and os.path.samefile(
+        args.output, os.path.dirname(os.path.abspath(args.resume)))
+    if os.path.isdir(args.output) and os.listdir(args.output) and not (resuming_in_place or args.overwrite):
         raise SystemExit(f'error: output dir {args.output!r} exists and is not empty; nothing was touched. Pass '
                          f'--resume {os.path.join(args.output, CHECKPOINT_NAME)} to continue it, --overwrite to '
                          f'reuse it, or choose a new --output.')
     if args.data_dir is not None and args.dataset == '' and not os.path.isdir(args.data_dir):
         raise SystemExit(f'error: --data-dir {args.data_dir!r} does not exist.')
+    if args.data_dir is not None and _reads_folders(args.dataset):
+        check_folder_layout(args)
+
+
+def _reads_folders(dataset: str) -> bool:
+    """Whether --dataset reads class folders under --data-dir, finding the split's subfolder as timm does."""
+    return '/' not in dataset or dataset in ('torch/folder', 'torch/image_folder')
+
+
+def check_folder_layout(args: argparse.Namespace) -> None:
+    """Refuse folder layouts that would mix other data into the training split: timm reads the whole --data-dir as
+    the split when it has no folder for it (a validation folder beside it included), and a run's --output under
+    the split's folder becomes one more class at the next read (a resume, or the retrain)."""
+    train_root = _search_split(args.data_dir, args.train_split)
+    if os.path.samefile(train_root, args.data_dir):
+        subfolders = sorted(e.name for e in os.scandir(args.data_dir) if e.is_dir())
+        held_out = [name for name in subfolders if name.lower() in _HELD_OUT_SPLIT_NAMES]
+        if held_out:
+            raise SystemExit(
+                f"error: --data-dir {args.data_dir!r} has no {args.train_split!r} folder, so timm would read all of it "
+                f"as the training split, the {', '.join(map(repr, held_out))} folder included, and the search would "
+                f"train on held-out images. Pass --train-split with the training folder's name (folders there: "
+                f"{', '.join(subfolders)}), or point --data-dir at the training images.")
+    output = os.path.realpath(args.output)
+    if output == os.path.realpath(train_root) or output.startswith(os.path.realpath(train_root) + os.sep):
+        raise SystemExit(f'error: --output {args.output!r} is inside the training images ({train_root!r}): its files '
+                         f'would be read as one more class. Choose an --output outside it.')
 
 
 def pmpl_config(args: argparse.Namespace) -> PMPLConfig:
@@ -255,6 +300,14 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
+    def sum_over_ranks(self, values: Dict[str, float], keys: Sequence[str]) -> Dict[str, float]:
+        """`values` with the entries named in `keys` summed over every rank (each rank sees its own shard)."""
+        if not self.enabled:
+            return values
+        totals = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        return {**values, **dict(zip(keys, totals.tolist()))}
+
     def close(self) -> None:
         if self.enabled:
             dist.destroy_process_group()
@@ -289,6 +342,11 @@ def make_datasets(args: argparse.Namespace, dist_env: Distributed):
         raise SystemExit(f'error: the training split of {args.data_dir!r} has no images.')
     targets = dataset_targets(train_base)
     class_names = dataset_class_names(train_base)
+    num_classes = len(set(targets))
+    if args.max_images is not None and args.max_images < 2 * num_classes:
+        raise SystemExit(f'error: --max-images {args.max_images} is too few for the {num_classes} classes of the '
+                         f'training split: the train and meta splits each need an image of every class. Give at '
+                         f'least {2 * num_classes}.')
     try:
         pool = list(range(len(targets)))
         if args.max_images is not None and args.max_images < len(targets):
@@ -300,13 +358,30 @@ def make_datasets(args: argparse.Namespace, dist_env: Distributed):
     train_idx, meta_idx = [pool[i] for i in local_train], [pool[i] for i in local_meta]
     mode = image_mode(args)  # also for datasets whose reader does not apply it (torchvision's)
     return (DatasetSplit(train_base, train_idx, image_mode=mode), DatasetSplit(meta_base, meta_idx, image_mode=mode),
-            len(set(targets)), stored_image_mode(train_base))
+            num_classes, stored_image_mode(train_base))
+
+
+def per_process_batches(args: argparse.Namespace, world_size: int, input_size: Sequence[int]) -> Tuple[int, int]:
+    """The train and meta batch of each process: --batch-size and --meta-batch-size are global batches, split evenly
+    over the processes, and each process's batch must let BatchNorm train on the last feature map (stride 32)."""
+    last_map = math.ceil(input_size[1] / 32) * math.ceil(input_size[2] / 32)
+    batches = []
+    for flag in ('--batch-size', '--meta-batch-size'):
+        value = _flag_value(args, flag) or args.batch_size
+        if value % world_size:
+            raise SystemExit(f'error: {flag} {value} is the global batch, split evenly over the {world_size} '
+                             f'processes; give a multiple of {world_size}.')
+        if value // world_size * last_map < 2:
+            raise SystemExit(f'error: {flag} {value} over {world_size} process(es) at input {input_size[1]}x'
+                             f'{input_size[2]} gives BatchNorm one value per channel on the last 1x1 feature map, '
+                             f'which it cannot train on; give at least {2 * world_size}, or a larger input size.')
+        batches.append(value // world_size)
+    return batches[0], batches[1]
 
 
 def make_loaders(args, train_set, meta_set, data_config, dist_env: Distributed):
-    batch = args.batch_size // dist_env.world_size if dist_env.enabled else args.batch_size
-    meta_batch = (args.meta_batch_size or args.batch_size) // (dist_env.world_size if dist_env.enabled else 1)
-    if min(batch, meta_batch) < 1 or len(train_set) < batch * dist_env.world_size:
+    batch, meta_batch = per_process_batches(args, dist_env.world_size, data_config['input_size'])
+    if len(train_set) < batch * dist_env.world_size:
         raise SystemExit(f'error: the train part of the split has {len(train_set)} images, fewer than one global '
                          f'batch of {args.batch_size}; lower --batch-size.')
     train_loader = create_loader(
@@ -426,11 +501,33 @@ def explicit_arg_names(argv: Optional[Sequence[str]]) -> set:
     return set(vars(parser.parse_args(argv)))
 
 
+# Settings that make the model's shapes or the train/meta split: a resumed run cannot change them.
+_FIXED_ON_RESUME = ('dataset', 'data_dir', 'train_split', 'num_classes', 'in_chans', 'input_size', 'seed',
+                    'meta_fraction', 'max_images')
+
+
 def merge_resumed_args(args: argparse.Namespace, saved: Dict, explicit: set) -> None:
-    """A resumed run keeps the settings of the run it continues, except those given again explicitly."""
+    """A resumed run keeps the settings of the run it continues, except those given again explicitly; those that
+    make the model or the split must be given as they were."""
+    if saved.get('data_dir') and saved.get('output') and os.path.normpath(saved['data_dir']) == os.path.normpath(
+            os.path.join(saved['output'], 'demo_data')):
+        saved = {**saved, 'data_dir': None}  # the demo dataset: found again in the output dir, wherever it is now
+    for name in _FIXED_ON_RESUME:
+        given, before = getattr(args, name, None), saved.get(name)
+        if name in explicit and _normalized(name, given) != _normalized(name, before):
+            flag = '--' + name.replace('_', '-')
+            raise SystemExit(f'error: {flag} {given} differs from the run being resumed ({flag} {before}); it makes '
+                             f'the model or the train/meta split, which a resumed search keeps. Drop {flag} to '
+                             f'continue that run, or start a new search in a new --output.')
     for name, value in saved.items():
         if name not in explicit and name not in ('resume', 'overwrite', 'output') and hasattr(args, name):
             setattr(args, name, value)
+
+
+def _normalized(name: str, value):
+    if name == 'data_dir' and value is not None:
+        return os.path.realpath(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def run(args: argparse.Namespace, explicit: Optional[set] = None) -> Dict:
@@ -586,6 +683,8 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         epoch += 1
         elapsed += time.time() - t0
         check_ranks_agree(model, dist_env, epoch)
+        # The log's losses and top-1 cover every rank's shard, not the main rank's alone.
+        sums = dist_env.sum_over_ranks(sums, ('train_loss', 'meta_loss', 'train_correct', 'meta_correct', 'n', 'meta_n'))
         row = epoch_row(epoch, global_step, search.lr, sums, model, time.time() - t0, elapsed)
         log_rows.append(row)
         history.append({'epoch': global_step / steps_per_epoch, 'probabilities': snapshot_probabilities(model)})
@@ -614,8 +713,16 @@ def save_checkpoint(args, search: PMPLSearch, model, epoch: int, global_step: in
         format_version=CHECKPOINT_FORMAT, model=args.model, num_slots=model.num_slots, epoch=epoch,
         global_step=global_step, state_dict=model.state_dict(), search=search.state_dict(),
         genotype=None if genotype is None else genotype.to_string(), log_rows=log_rows, history=history,
-        elapsed_s=elapsed, args=vars(args), num_classes=num_classes,
+        elapsed_s=elapsed, args=_args_for_resume(args), num_classes=num_classes,
     ), os.path.join(args.output, CHECKPOINT_NAME))
+
+
+def _args_for_resume(args: argparse.Namespace) -> Dict:
+    """The arguments a resume restores, with absolute paths: a resume may run from another directory."""
+    saved = dict(vars(args), output=os.path.abspath(args.output))
+    if args.data_dir is not None:
+        saved['data_dir'] = os.path.abspath(args.data_dir)
+    return saved
 
 
 def _progress(total: int, epoch: int, epochs: int):
