@@ -102,7 +102,9 @@ def check_weights_genotype(
     if difference:
         raise GenotypeMismatchError(
             f'Weights {weights_file!r} were trained with another genotype: {difference}. Build the model with the '
-            f'genotype stored with them ({stored}), or leave genotype out to use it.')
+            f'genotype stored with them ({stored}), or leave genotype out to use it. (For a local-dir: or hf-hub: '
+            f"export, timm passes the genotype of its config.json model_args: if you did not give one, that file's "
+            f'genotype disagrees with its weights; put theirs back there.)')
 
 
 def _genotype_from_config_file(path: str, repo_id: str) -> str:
