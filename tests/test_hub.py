@@ -459,8 +459,11 @@ def test_channels_last_model_exports_and_keeps_its_layout(work, trained):
 def test_export_folder_has_the_permissions_of_a_folder_the_user_makes(work, trained):
     reference = work / 'made_by_user'
     reference.mkdir()
+    (reference / 'file').write_text('mine')
     out = export_for_hub(trained[0], work / 'permissions_export')
     assert (out.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)
+    for path in out.iterdir():  # the weights too (safetensors writes them 0600)
+        assert (path.stat().st_mode & 0o777) == ((reference / 'file').stat().st_mode & 0o777), path.name
 
 
 def test_dangling_symlink_as_out_is_refused_first(work, trained):
@@ -506,6 +509,12 @@ def test_ema_runs_summary_is_refused_for_the_non_ema_weights(work, trained):
     publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(out), '--metrics', str(summary),
                   '--use-ema'])
     assert '| eval_top1 | 20.0 |' in (out / 'README.md').read_text()
+    # With the EMA kept on the CPU timm does not evaluate it: the summary is the trained weights', not the EMA's.
+    args.model_ema_force_cpu = True
+    torch.save({'epoch': 1, 'arch': MODEL, 'args': args, 'state_dict': state, 'state_dict_ema': state}, checkpoint)
+    with pytest.raises(SystemExit, match="trained weights' .*Drop --use-ema"):
+        publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(work / 'ema_cpu_refused'),
+                      '--metrics', str(summary), '--use-ema'])
 
 
 def test_genotype_file_changed_after_training_is_refused(work):

@@ -320,7 +320,7 @@ def test_output_inside_the_training_images_is_refused(tmp_path):
 @pytest.mark.parametrize('extra, message', [
     (['-b', '1'], r'--batch-size 1 over 1 process\(es\) at input 32x32 gives BatchNorm one value per channel'),
     (['--meta-batch-size', '1'], r'--meta-batch-size 1 over 1 process\(es\)'),
-    (['--max-images', '10'], r'--max-images 10 is too few for the 8 classes.*at least 16'),
+    (['--max-images', '10'], r'--max-images 10 leaves some class fewer than 2 images.*Give --max-images 16 or more'),
 ])
 def test_batches_and_samples_too_small_for_the_data_name_their_flag(data_dir, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
@@ -337,6 +337,8 @@ def test_resume_keeps_what_makes_the_model_and_the_split(data_dir, tmp_path):
                         ('--data-dir', str(tmp_path))):
         with pytest.raises(SystemExit, match=f'{flag} {value} differs from the run being resumed'):
             main(resume + [flag, value])
+    with pytest.raises(SystemExit, match='takes 3-channel inputs, not 1'):
+        main(resume + ['--in-chans', '1', '--mean', '0.5', '--std', '0.5'])
     # Into another run's folder: refused unless --overwrite, and that run's files are left as they were.
     other = tmp_path / 'other'
     other.mkdir()
@@ -345,6 +347,10 @@ def test_resume_keeps_what_makes_the_model_and_the_split(data_dir, tmp_path):
         main(resume + ['--output', str(other)])
     assert (other / 'genotype.json').read_text() == 'theirs'
     assert {name: (out / name).read_bytes() for name in before} == before
+    # The same settings given again, spelled as the run resolved them, are no change.
+    seed = json.loads((out / 'genotype.json').read_text())['args']['seed']
+    main(resume + ['--num-classes', '8', '--in-chans', '3', '--input-size', '3', '32', '32', '--dataset', 'folder',
+                   '--data-dir', data_dir, '--seed', str(seed)])
 
 
 def test_demo_run_resumes_from_another_directory(tmp_path, monkeypatch):
@@ -374,3 +380,15 @@ def test_global_batches_split_evenly_over_torchrun_processes():
     assert per_process_batches(args, world_size=2, input_size=(3, 64, 64)) == (4, 1)
     with pytest.raises(SystemExit, match='gives BatchNorm one value per channel'):
         per_process_batches(args, world_size=2, input_size=(3, 32, 32))
+
+
+def test_max_images_sample_of_an_imbalanced_dataset_names_the_count_it_needs(tmp_path):
+    root = tmp_path / 'imbalanced'
+    _image_folder(root, ['a'], 20)
+    _image_folder(root, ['b'], 4)
+    # 6 images would be 2 per class, but class b's rounded share is 1: it used to be blamed for having 1 image.
+    with pytest.raises(SystemExit, match=r'--max-images 6 leaves some class fewer than 2 images.*smallest has 4 of '
+                                         r'the 24.*Give --max-images 12 or more'):
+        main(search_args(str(root), tmp_path / 'out', '--max-images', '6', '-b', '2'))
+    main(search_args(str(root), tmp_path / 'out', '--max-images', '12', '-b', '4', '--img-size', '64',
+                     '--epochs', '1'))

@@ -428,6 +428,15 @@ def _current_umask() -> int:
     return umask
 
 
+def _make_readable_as_user_files(folder: Path) -> None:
+    """Give `folder` and its files the permissions of ones the user makes: mkdtemp makes the folder private (0700)
+    and safetensors writes its file 0600, which would hide the weights from others on shared storage."""
+    umask = _current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
 def _with_contiguous_weights(model: nn.Module) -> nn.Module:
     """`model`, or a copy of it with contiguous (NCHW) weights where any are not: safetensors stores contiguous
     tensors only, and a model trained channels-last (timm train.py --channels-last) keeps its conv weights so. The
@@ -471,8 +480,6 @@ def export_for_hub(
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     was_training = model.training  # exported and checked in eval mode; a model mid-training goes back to training
     try:
-        # mkdtemp makes the folder private (0700); the export gets the permissions of any folder the user makes.
-        os.chmod(staging, 0o777 & ~_current_umask())
         exported = _with_contiguous_weights(model)
         save_for_hf(exported.eval(), str(staging), model_args=dict(genotype=model.genotype.to_string()),
                     safe_serialization=True, data_config=data_config)
@@ -484,6 +491,7 @@ def export_for_hub(
         card = render_model_card(model, model_name, repo_id=repo_id, search_plot=plot_name, metrics=metrics,
                                  dataset=dataset)
         (staging / 'README.md').write_text(card, encoding='utf-8')
+        _make_readable_as_user_files(staging)
         verify_export(exported, staging)
         if os.path.lexists(out_dir):  # appeared while we were writing
             raise FileExistsError(f'Output directory {str(out_dir)!r} appeared during the export; nothing was '

@@ -59,7 +59,10 @@ def _check_stored_genotype_file(stored, checkpoint_path: str) -> None:
     tell a changed file apart."""
     from timm_metapool import OP_NAMES
 
-    if not isinstance(stored, str) or ',' in stored or stored in OP_NAMES or stored.lower().startswith('random:'):
+    if not isinstance(stored, str):
+        return
+    stored = stored.strip()  # as Genotype.parse reads it
+    if ',' in stored or stored in OP_NAMES or stored.lower().startswith('random:'):
         return  # the genotype itself, not a path
     if not os.path.isfile(stored):
         raise ValueError(f'Checkpoint {checkpoint_path!r} names its genotype only by the file {stored!r}, as given to '
@@ -103,10 +106,13 @@ def _read_card_metrics(path: str, checkpoint, use_ema: bool):
     weights than those exported."""
     from timm_metapool import hub
 
-    if path.endswith('.csv') and checkpoint.summary_describes_ema and not use_ema:
-        raise ValueError(f"--metrics {path!r}: the run trained with --model-ema, and timm train.py's summary.csv then "
-                         f"holds the EMA weights' metrics, not those of the weights exported. Add --use-ema to export "
-                         f"the EMA weights, or give --metrics as a JSON object of the exported weights' metrics.")
+    if path.endswith('.csv') and checkpoint.summary_describes_ema != use_ema:
+        whose, fix = (("the EMA weights'", 'Add --use-ema to export the EMA weights') if not use_ema else
+                      ("the trained weights' (timm evaluates the EMA only off --model-ema-force-cpu)",
+                       'Drop --use-ema to export the weights the metrics describe'))
+        raise ValueError(f"--metrics {path!r}: timm train.py's summary.csv of this run holds {whose} metrics, not "
+                         f"those of the weights exported. {fix}, or give --metrics as a JSON object of the exported "
+                         f"weights' metrics.")
     return hub.read_metrics(path, epoch=checkpoint.epoch)
 
 

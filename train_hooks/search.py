@@ -15,6 +15,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -159,11 +160,11 @@ def check_channels(args: argparse.Namespace) -> None:
         try:
             bands = len(ImageMode.getmode(args.input_img_mode).bands)
         except KeyError:
-            raise SystemExit(f"error: --input-img-mode {args.input_img_mode!r} is not a PIL image mode; use e.g. 'RGB', "
-                             f"'L' or 'RGBA'.") from None
+            raise SystemExit(f"error: --input-img-mode {args.input_img_mode!r} is not a PIL image mode; use e.g. "
+                             f"'RGB', 'L' or 'RGBA'.") from None
         if bands != channels:
-            raise SystemExit(f'error: --input-img-mode {args.input_img_mode} gives {bands}-channel images, but the model '
-                             f'takes {channels} (--in-chans, else --input-size\'s C, else 3); make them agree.')
+            raise SystemExit(f'error: --input-img-mode {args.input_img_mode} gives {bands}-channel images, but the '
+                             f'model takes {channels} (--in-chans, else --input-size\'s C, else 3); make them agree.')
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -216,8 +217,8 @@ def check_args(args: argparse.Namespace) -> None:
                          f'reuse it, or choose a new --output.')
     if args.data_dir is not None and args.dataset == '' and not os.path.isdir(args.data_dir):
         raise SystemExit(f'error: --data-dir {args.data_dir!r} does not exist.')
-    if args.data_dir is not None and _reads_folders(args.dataset):
-        check_folder_layout(args)
+    if args.data_dir is not None and _reads_folders(args.dataset) and os.path.isdir(args.data_dir):
+        check_folder_layout(args)  # a tar file or a missing path is left to the reader's own error
 
 
 def _reads_folders(dataset: str) -> bool:
@@ -343,14 +344,11 @@ def make_datasets(args: argparse.Namespace, dist_env: Distributed):
     targets = dataset_targets(train_base)
     class_names = dataset_class_names(train_base)
     num_classes = len(set(targets))
-    if args.max_images is not None and args.max_images < 2 * num_classes:
-        raise SystemExit(f'error: --max-images {args.max_images} is too few for the {num_classes} classes of the '
-                         f'training split: the train and meta splits each need an image of every class. Give at '
-                         f'least {2 * num_classes}.')
     try:
         pool = list(range(len(targets)))
         if args.max_images is not None and args.max_images < len(targets):
             _, pool = stratified_split(targets, args.max_images / len(targets), seed=args.seed, class_names=class_names)
+            check_sample_keeps_every_class(targets, pool, args.max_images)
         local_train, local_meta = stratified_split(
             [targets[i] for i in pool], args.meta_fraction, seed=args.seed, class_names=class_names)
     except ValueError as e:
@@ -377,6 +375,19 @@ def per_process_batches(args: argparse.Namespace, world_size: int, input_size: S
                              f'which it cannot train on; give at least {2 * world_size}, or a larger input size.')
         batches.append(value // world_size)
     return batches[0], batches[1]
+
+
+def check_sample_keeps_every_class(targets: Sequence[int], pool: Sequence[int], max_images: int) -> None:
+    """Refuse a --max-images sample that leaves a class fewer than the 2 images its train and meta parts need: each
+    class takes its rounded share, so a small class can keep 1 where the total allows 2 per class."""
+    total, sampled = Counter(int(t) for t in targets), Counter(int(targets[i]) for i in pool)
+    if min(sampled[c] for c in total) >= 2:
+        return
+    needed = max(math.ceil(2 * len(targets) / n) for n in total.values())  # every class's share at least 2
+    raise SystemExit(f'error: --max-images {max_images} leaves some class fewer than 2 images in the sample (each '
+                     f'class takes its share, rounded, and the smallest has {min(total.values())} of the '
+                     f'{len(targets)} images): the train and meta splits each need one. Give --max-images '
+                     f'{min(needed, len(targets))} or more, or leave it out.')
 
 
 def make_loaders(args, train_set, meta_set, data_config, dist_env: Distributed):
@@ -488,9 +499,18 @@ def load_resume_state(args: argparse.Namespace) -> Optional[Dict]:
 
 
 def check_resumed_model(args: argparse.Namespace, state: Dict) -> None:
+    """The resumed checkpoint's weights fit the model these arguments build: architecture, classes, channels."""
     if state['model'] != args.model:
         raise SystemExit(f"error: {args.resume!r} is a search of {state['model']} with {state['num_slots']} slots, "
                          f"not of --model {args.model}; pass --model {state['model']} or drop --model.")
+    if args.num_classes is not None and args.num_classes != state['num_classes']:
+        raise SystemExit(f"error: --num-classes {args.num_classes} differs from the run being resumed, which has "
+                         f"{state['num_classes']}; drop --num-classes to continue it.")
+    trained_channels = state['state_dict']['conv_stem.weight'].shape[1]
+    if input_channels(args) != trained_channels:
+        raise SystemExit(f'error: the run being resumed takes {trained_channels}-channel inputs, not '
+                         f"{input_channels(args)} (--in-chans, else --input-size's C); drop those flags to continue "
+                         f'it.')
 
 
 def explicit_arg_names(argv: Optional[Sequence[str]]) -> set:
@@ -501,33 +521,44 @@ def explicit_arg_names(argv: Optional[Sequence[str]]) -> set:
     return set(vars(parser.parse_args(argv)))
 
 
-# Settings that make the model's shapes or the train/meta split: a resumed run cannot change them.
-_FIXED_ON_RESUME = ('dataset', 'data_dir', 'train_split', 'num_classes', 'in_chans', 'input_size', 'seed',
-                    'meta_fraction', 'max_images')
+# Settings that make the train/meta split (the model's shapes are checked on their effect: `check_resumed_model`).
+_SPLIT_SETTINGS = ('dataset', 'data_dir', 'train_split', 'seed', 'meta_fraction', 'max_images')
 
 
 def merge_resumed_args(args: argparse.Namespace, saved: Dict, explicit: set) -> None:
     """A resumed run keeps the settings of the run it continues, except those given again explicitly; those that
-    make the model or the split must be given as they were."""
-    if saved.get('data_dir') and saved.get('output') and os.path.normpath(saved['data_dir']) == os.path.normpath(
+    make the train/meta split must be given as they were."""
+    saved = dict(saved)
+    run_dir = os.path.dirname(os.path.abspath(args.resume))
+    data_dir_before = saved.get('data_dir')
+    if data_dir_before and saved.get('output') and os.path.normpath(data_dir_before) == os.path.normpath(
             os.path.join(saved['output'], 'demo_data')):
-        saved = {**saved, 'data_dir': None}  # the demo dataset: found again in the output dir, wherever it is now
-    for name in _FIXED_ON_RESUME:
-        given, before = getattr(args, name, None), saved.get(name)
-        if name in explicit and _normalized(name, given) != _normalized(name, before):
+        # The demo dataset: found (or made) again in the run's folder, wherever that is now.
+        saved['data_dir'], data_dir_before = None, os.path.join(run_dir, 'demo_data')
+    elif data_dir_before and not os.path.isabs(data_dir_before):
+        if 'data_dir' not in explicit and not os.path.isdir(data_dir_before):
+            raise SystemExit(f'error: the run being resumed read --data-dir {data_dir_before!r}, relative to the '
+                             f'directory it ran in, which is not found from here; pass --data-dir with that folder.')
+        data_dir_before = None  # saved by an earlier version, relative to an unknown directory: cannot compare
+    for name in _SPLIT_SETTINGS:
+        before = data_dir_before if name == 'data_dir' else saved.get(name)
+        if name in explicit and not (name == 'data_dir' and before is None) and (
+                _comparable(name, getattr(args, name)) != _comparable(name, before)):
             flag = '--' + name.replace('_', '-')
-            raise SystemExit(f'error: {flag} {given} differs from the run being resumed ({flag} {before}); it makes '
-                             f'the model or the train/meta split, which a resumed search keeps. Drop {flag} to '
-                             f'continue that run, or start a new search in a new --output.')
+            raise SystemExit(f'error: {flag} {getattr(args, name)} differs from the run being resumed ({flag} '
+                             f'{before}); it makes the train/meta split, which a resumed search keeps. Drop {flag} '
+                             f'to continue that run, or start a new search in a new --output.')
     for name, value in saved.items():
         if name not in explicit and name not in ('resume', 'overwrite', 'output') and hasattr(args, name):
             setattr(args, name, value)
 
 
-def _normalized(name: str, value):
+def _comparable(name: str, value):
     if name == 'data_dir' and value is not None:
         return os.path.realpath(value)
-    return list(value) if isinstance(value, tuple) else value
+    if name == 'dataset':
+        return '' if value in ('', 'folder') else value  # timm reads both with its folder reader
+    return value
 
 
 def run(args: argparse.Namespace, explicit: Optional[set] = None) -> Dict:
@@ -684,7 +715,8 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         elapsed += time.time() - t0
         check_ranks_agree(model, dist_env, epoch)
         # The log's losses and top-1 cover every rank's shard, not the main rank's alone.
-        sums = dist_env.sum_over_ranks(sums, ('train_loss', 'meta_loss', 'train_correct', 'meta_correct', 'n', 'meta_n'))
+        sums = dist_env.sum_over_ranks(
+            sums, ('train_loss', 'meta_loss', 'train_correct', 'meta_correct', 'n', 'meta_n'))
         row = epoch_row(epoch, global_step, search.lr, sums, model, time.time() - t0, elapsed)
         log_rows.append(row)
         history.append({'epoch': global_step / steps_per_epoch, 'probabilities': snapshot_probabilities(model)})
