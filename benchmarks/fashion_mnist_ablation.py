@@ -74,7 +74,7 @@ def prepare_data(root: str) -> str:
     return root
 
 
-def run_search(cfg: Dict, data_root: str, out: str, early_stop: bool) -> Dict:
+def run_search(cfg: Dict, data_root: str, out: str, early_stop: bool, device: str) -> Dict:
     summary_path = os.path.join(out, 'genotype.json')
     if not os.path.exists(summary_path):
         argv = ['--dataset', 'torch/fashion_mnist', '--data-dir', data_root, '--model', cfg['model'],
@@ -88,7 +88,7 @@ def run_search(cfg: Dict, data_root: str, out: str, early_stop: bool) -> Dict:
             argv.append('--no-early-stop')
         if os.path.exists(os.path.join(out, 'last.pth')):
             argv = ['--resume', os.path.join(out, 'last.pth')]
-        search_cli.main(argv)
+        search_cli.main(argv + ['--device', device])
     with open(summary_path) as f:
         return json.load(f)
 
@@ -217,6 +217,19 @@ def plot(results: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def checked_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    """--device, refused before any work unless it is the CPU or an available CUDA device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        parser.error(f"--device {name!r} is not a device this benchmark runs on; use 'cpu', 'cuda' or 'cuda:N'.")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error(f'--device {name!r}: CUDA is not available on this machine; use --device cpu.')
+    return device
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', choices=sorted(CONFIGS), default='cpu')
@@ -224,6 +237,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--extras', action='store_true', help="also timm's SE and CoordAttn in the same slots")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
+    device = checked_device(args.device, parser)
     cfg = CONFIGS[args.config]
     if cfg['threads']:
         torch.set_num_threads(cfg['threads'])
@@ -232,13 +246,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.makedirs(work, exist_ok=True)
     os.makedirs(out_dir, exist_ok=True)
     data_root = prepare_data(os.path.join(work, 'data'))
-    device = torch.device(args.device)
 
-    pmpl = run_search(cfg, data_root, os.path.join(work, 'search_pmpl'), early_stop=True)
-    no_stop = run_search(cfg, data_root, os.path.join(work, 'search_no_early_stop'), early_stop=False)
-    shutil.copy(os.path.join(work, 'search_pmpl', 'genotype.json'), os.path.join(out_dir, 'genotype.json'))
-    if os.path.exists(os.path.join(work, 'search_pmpl', 'search.png')):
-        shutil.copy(os.path.join(work, 'search_pmpl', 'search.png'), os.path.join(out_dir, 'search.png'))
+    pmpl = run_search(cfg, data_root, os.path.join(work, 'search_pmpl'), early_stop=True, device=args.device)
+    no_stop = run_search(cfg, data_root, os.path.join(work, 'search_no_early_stop'), early_stop=False,
+                         device=args.device)
 
     searched = ','.join(pmpl['ops'])
     specs = {
@@ -273,6 +284,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     sizes = size_and_latency(cfg, specs)
     command = f"python benchmarks/fashion_mnist_ablation.py --config {args.config}" + (' --extras' if args.extras else '')
     searches = dict(pmpl=pmpl, no_early_stop=no_stop, genotypes=genotypes)
+    # Copied with the report, not before the retrains: a run that stops midway leaves the committed results whole.
+    shutil.copy(os.path.join(work, 'search_pmpl', 'genotype.json'), os.path.join(out_dir, 'genotype.json'))
+    if os.path.exists(os.path.join(work, 'search_pmpl', 'search.png')):
+        shutil.copy(os.path.join(work, 'search_pmpl', 'search.png'), os.path.join(out_dir, 'search.png'))
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(dict(config=cfg, results=results, sizes=sizes, searches=searches, command=command), f, indent=2)
     print(write_report(args.config, cfg, results, searches, sizes, out_dir, command))
