@@ -545,3 +545,10 @@ def test_relative_genotype_path_from_another_directory_names_where_it_counts_fro
     monkeypatch.chdir(work)
     with pytest.raises(SystemExit, match="'runs/s1/genotype.json'.*not found from .*where train.py ran"):
         publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(work / 'relative_export')])
+
+
+def test_pretrained_file_that_is_a_folder_names_the_file_to_give(export_dir):
+    # train.py --pretrained-path EXPORT_DIR: timm loads `file` as a weights file and would fail with FileNotFoundError.
+    with pytest.raises(ValueError, match=r"is a folder: give its weights file \(.*model\.safetensors\).*local-dir:"):
+        timm.create_model(MODEL, pretrained=True, num_classes=NUM_CLASSES,
+                          pretrained_cfg_overlay=dict(file=str(export_dir), num_classes=NUM_CLASSES))

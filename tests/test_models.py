@@ -294,3 +294,19 @@ def test_reparameterize_model_moves_avg_pools_out_of_the_box():
     deployed = reparameterize_model(model)
     assert all(isinstance(b.se, torch.nn.Identity) for b in deployed.enhancer_blocks())
     torch.testing.assert_close(deployed(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_loading_weights_of_the_other_kind_says_what_to_do():
+    """A strict load used to list every missing and unexpected key (timm's scripts without --model-kwargs genotype=)."""
+    supernet = timm.create_model('mobilenetv2_metapool_035', num_classes=4)
+    fixed = timm.create_model('mobilenetv2_metapool_035', num_classes=4, genotype='global')
+    with pytest.raises(ValueError, match='weights are of a fixed genotype.*genotype='):
+        supernet.load_state_dict(fixed.state_dict())
+    with pytest.raises(ValueError, match='weights are of the search space.*fix_to_genotype'):
+        fixed.load_state_dict(supernet.state_dict())
+    timm_weights = timm.create_model('mobilenetv2_035', num_classes=4).state_dict()
+    with pytest.raises(ValueError, match='weights are of a fixed genotype'):
+        supernet.load_state_dict(timm_weights)
+    timm.create_model('mobilenetv2_metapool_035', num_classes=4, genotype='skip').load_state_dict(timm_weights)
+    missing, _ = supernet.load_state_dict(fixed.state_dict(), strict=False)  # non-strict loads are left alone
+    assert any('.se.ops.' in k for k in missing)

@@ -6,7 +6,7 @@ layer"), so state_dict keys stay `blocks.i.j.*` and feature extraction works as 
 With `genotype=None` each slot is a `MetaPooling` (the search space); with a genotype each slot is the chosen op.
 """
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -128,6 +128,27 @@ class MetaPoolingMixin:
                              f'{op_name!r}.')
         if op_name not in slot.op_names:
             raise ValueError(f'Slot {index} has no candidate {op_name!r}; its candidates are {slot.op_names}.')
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`; a strict load of a fixed genotype's weights into the search space, or of
+        search-space weights into a fixed model, stops with what to do (the plain error only lists the keys)."""
+        if strict:
+            self._check_weights_kind(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _check_weights_kind(self, state_dict: Mapping[str, Any]) -> None:
+        searching = any(isinstance(s, MetaPooling) for s in self.enhancer_slots())
+        from_search = any('.se.ops.' in k or k.endswith(f'.se.{ARCH_PARAM_NAME}') for k in state_dict)
+        if searching and not from_search:
+            raise ValueError(
+                'These weights are of a fixed genotype, and this model is the search space (built without genotype=). '
+                'Build it with the genotype they were trained with: timm.create_model(..., genotype=...), or '
+                '--model-kwargs genotype=... for timm\'s scripts.')
+        if not searching and from_search:
+            raise ValueError(
+                'These weights are of the search space (a PMPL search checkpoint, with every candidate of each slot), '
+                'and this model has a fixed genotype. Fix them to it first: `python -m train_hooks.publish` exports '
+                'them as a fixed model, or in Python supernet.fix_to_genotype() before state_dict().')
 
     def fix_to_genotype(self, genotype: Optional[GenotypeLike] = None) -> Genotype:
         """Fix every open slot in place to `genotype` (default: `derive_genotype()`); returns the final genotype.

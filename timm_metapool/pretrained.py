@@ -182,6 +182,11 @@ def resolve_pretrained_genotype(
     against the metadata of weights already on disk (`num_slots` expands presets such as 'skip' for that check).
     """
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    if cfg.file and os.path.isdir(cfg.file) and cfg.source != 'local-dir':
+        # timm loads `file` as a weights file; a folder would end in a bare FileNotFoundError after the build.
+        raise ValueError(f'Pretrained file {cfg.file!r} is a folder: give its weights file '
+                         f'({os.path.join(cfg.file, HF_SAFE_WEIGHTS_NAME)}), or load the folder as '
+                         f"timm.create_model('local-dir:{cfg.file}', pretrained=True).")
     if genotype is None:
         return _genotype_of_weights(variant, cfg)
     if cfg.hf_hub_id and not local_weights_file(cfg) and not _is_published(variant, cfg):
