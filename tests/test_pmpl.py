@@ -214,3 +214,55 @@ def test_config_rejects_out_of_range_settings():
             PMPLConfig(**{name: value})
         assert info.value.name == name
     PMPLConfig(momentum=0.0, weight_decay=0.0, arch_weight_decay=0.0, rho=1.0)
+
+
+def test_slot_fixed_by_its_metapooling_before_the_search_ends_in_the_genotype():
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_metapool_035', num_classes=4)
+    model.enhancer_slots()[5].fix(OP_NAMES.index('global'))
+    search = PMPLSearch(model, PMPLConfig(lr=0.01))
+    assert [(e.slot, e.op_name) for e in search.fix_events] == [(5, 'global')]
+    search.step(_batch(1), _batch(2))
+    search.apply_early_stopping(1, 0, force=True)
+    assert search.done and model.genotype is not None and model.genotype[5] == 'global'
+    fresh = timm.create_model('mobilenetv2_metapool_035', num_classes=4, genotype=model.genotype)
+    fresh.load_state_dict(model.state_dict())  # strict: the keys of the genotype's model
+
+
+def test_resume_on_a_model_with_the_same_slot_fixed_beforehand():
+    def prefixed_search(op_name):
+        torch.manual_seed(0)
+        model = timm.create_model('mobilenetv2_metapool_035', num_classes=4)
+        model.enhancer_slots()[5].fix(OP_NAMES.index(op_name))
+        return PMPLSearch(model, PMPLConfig(lr=0.01))
+
+    search = prefixed_search('global')
+    search.step(_batch(1), _batch(2))
+    saved, weights = copy.deepcopy(search.state_dict()), _state(search.model)
+    resumed = prefixed_search('global')
+    resumed.load_state_dict(saved, weights)
+    assert [(e.slot, e.op_name) for e in resumed.fix_events] == [(5, 'global')]
+    assert all(torch.equal(v, _state(resumed.model)[k]) for k, v in weights.items())
+    with pytest.raises(ValueError, match="slot 5 fixed to 'global'.*fixed to 'avg3'"):
+        prefixed_search('avg3').load_state_dict(saved, weights)
+
+
+def test_resume_keeps_the_optimizer_objects_and_continues_exactly():
+    """A scheduler built on the weight optimizer before the resume keeps driving the one the search uses."""
+    search = _search()
+    with torch.no_grad():
+        search.model.enhancer_slots()[2].arch_alpha.copy_(torch.tensor(alpha_with_margin(3, 0.5)))
+    search.step(_batch(1), _batch(2))
+    saved, weights = copy.deepcopy(search.state_dict()), _state(search.model)  # as if through torch.save
+
+    resumed = _search(seed=1)
+    optimizer = resumed.weight_optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    resumed.load_state_dict(saved, weights)
+    assert resumed.weight_optimizer is optimizer and scheduler.optimizer is resumed.weight_optimizer
+    for group in resumed.weight_optimizer.param_groups:
+        group['lr'] = search.lr  # the saved lr, as the CLI's scheduler sets it each step
+    for s in (search, resumed):
+        s.step(_batch(3), _batch(4))
+    after, after_resumed = _state(search.model), _state(resumed.model)
+    assert after.keys() == after_resumed.keys() and all(torch.equal(after[k], after_resumed[k]) for k in after)

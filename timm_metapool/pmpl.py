@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .mixed_op import MetaPooling
 from .mobilenetv2_metapool import MetaPoolingMixin
+from .ops import op_name_of
 
 __all__ = [
     'PMPLConfig', 'InvalidSetting', 'FixEvent', 'StepStats', 'PMPLSearch', 'confident_argmax', 'fix_confident_slots',
@@ -170,8 +172,14 @@ class PMPLSearch:
         self._wrap = wrap
         self.autocast = autocast
         self.grad_scaler = grad_scaler
+        # A slot fixed by MetaPooling.fix beforehand becomes its bare op, recorded as fixed at step 0: the finished
+        # model then has its genotype (and that genotype's state_dict keys), and a resume replays the fix.
+        self.fix_events: List[FixEvent] = [
+            FixEvent(i, slot.chosen, 0, 0, slot.probabilities().detach().tolist())
+            for i, slot in enumerate(model.enhancer_slots()) if isinstance(slot, MetaPooling) and slot.is_fixed]
+        for event in self.fix_events:
+            model.fix_slot(event.slot, event.op_name)
         self.weight_optimizer, self.arch_optimizer = build_optimizers(model, config)
-        self.fix_events: List[FixEvent] = []
         self._freeze_alpha()  # alpha gets gradients only in the meta pass, so the weight pass never syncs them
         self.train_module = wrap(model)
 
@@ -294,12 +302,22 @@ class PMPLSearch:
         }
 
     def load_state_dict(self, state: Dict, model_state_dict: Dict[str, torch.Tensor]) -> None:
-        """Re-apply the recorded fixes to a fresh supernet, then load weights, alpha and optimizer state."""
+        """Re-apply the recorded fixes to a fresh supernet, then load weights, alpha and optimizer state.
+
+        The optimizers stay the same objects (pruned as the fixes remove parameters), so a learning-rate scheduler
+        built on `weight_optimizer` before the resume keeps driving it.
+        """
         self.fix_events = [FixEvent(**e) for e in state['fix_events']]
         for event in self.fix_events:
-            self.model.fix_slot(event.slot, event.op_name)
+            slot = self.model.enhancer_slots()[event.slot]
+            if isinstance(slot, MetaPooling):
+                self.model.fix_slot(event.slot, event.op_name)
+            elif op_name_of(slot) != event.op_name:  # fixed before the search (MetaPooling.fix): the same op only
+                raise ValueError(f'The checkpoint has slot {event.slot} fixed to {event.op_name!r}, but this model has '
+                                 f'it fixed to {op_name_of(slot)!r}: resume on the supernet the search started from.')
         self.model.load_state_dict(model_state_dict)
-        self.weight_optimizer, self.arch_optimizer = build_optimizers(self.model, self.config)
+        prune_optimizer(self.weight_optimizer, self.model.weight_parameters())
+        prune_optimizer(self.arch_optimizer, self.model.arch_parameters())
         self.weight_optimizer.load_state_dict(state['weight_optimizer'])
         self.arch_optimizer.load_state_dict(state['arch_optimizer'])
         if self.grad_scaler is not None and state.get('grad_scaler'):
