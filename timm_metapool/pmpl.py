@@ -287,10 +287,14 @@ class PMPLSearch:
         events = fix_confident_slots(self.model, self.config.rho, step=step, epoch=epoch, force=force)
         if events:
             self.fix_events.extend(events)
-            prune_optimizer(self.weight_optimizer, self.model.weight_parameters())
-            prune_optimizer(self.arch_optimizer, self.model.arch_parameters())
+            self._prune_optimizers()
             self.train_module = self._wrap(self.model)
         return events
+
+    def _prune_optimizers(self) -> None:
+        """Drop the parameters that fixed slots removed from both optimizers, in place (the same objects stay)."""
+        prune_optimizer(self.weight_optimizer, self.model.weight_parameters())
+        prune_optimizer(self.arch_optimizer, self.model.arch_parameters())
 
     def state_dict(self) -> Dict:
         """Optimizer and fixing state; the model's own state_dict is saved beside it."""
@@ -316,8 +320,7 @@ class PMPLSearch:
                 raise ValueError(f'The checkpoint has slot {event.slot} fixed to {event.op_name!r}, but this model has '
                                  f'it fixed to {op_name_of(slot)!r}: resume on the supernet the search started from.')
         self.model.load_state_dict(model_state_dict)
-        prune_optimizer(self.weight_optimizer, self.model.weight_parameters())
-        prune_optimizer(self.arch_optimizer, self.model.arch_parameters())
+        self._prune_optimizers()
         self.weight_optimizer.load_state_dict(state['weight_optimizer'])
         self.arch_optimizer.load_state_dict(state['arch_optimizer'])
         if self.grad_scaler is not None and state.get('grad_scaler'):
