@@ -15,30 +15,27 @@ from timm.models._hub import HF_SAFE_WEIGHTS_NAME, hf_split
 from timm.models._pretrained import PretrainedCfg
 
 from .genotype import Genotype, GenotypeLike
+from .integrity import GenotypeMismatchError
 
 __all__ = [
-    'PRETRAINED_TAGS', 'SAFETENSORS_GENOTYPE_KEY', 'GenotypeMismatchError', 'first_genotype_difference',
-    'local_weights_file', 'read_safetensors_genotype', 'check_weights_genotype', 'resolve_pretrained_genotype',
+    'PRETRAINED_TAGS', 'SAFETENSORS_GENOTYPE_KEY', 'SAFETENSORS_CHECKSUM_KEY', 'GenotypeMismatchError',
+    'first_genotype_difference', 'local_weights_file', 'read_safetensors_metadata', 'read_safetensors_genotype',
+    'check_weights_genotype', 'resolve_pretrained_genotype',
 ]
 
-# The one place that lists Hub weights: 'arch.tag' -> repo id, and whether files have been published there.
-# Nothing is published yet: ImageNet training is out of reach on the machines this package is developed on.
-PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {
-    'mobilenetv2_metapool_100.pmpl_in1k': dict(
-        hf_hub_id='timm-metapool/mobilenetv2_metapool_100.pmpl_in1k', published=False),
-}
+# The one place that lists pretrained weights, 'arch.tag' -> where they are (`hf_hub_id`); only tags whose files
+# exist, so that timm.list_pretrained() lists nothing that cannot load. None yet: ImageNet training is out of reach
+# on the machines this package is developed on.
+PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {}
 
 SAFETENSORS_GENOTYPE_KEY = 'genotype'
+SAFETENSORS_CHECKSUM_KEY = 'weights_sha256'  # integrity.weights_checksum of the tensors, checked on load
 
 _INSTEAD = (
     "Instead: build the architecture with genotype=... and pretrained=False, load your own export with "
     "timm.create_model('local-dir:DIR', pretrained=True) or pretrained_cfg_overlay=dict(file='model.safetensors'), "
     "or use 'hf-hub:ORG/NAME' for weights you published."
 )
-
-
-class GenotypeMismatchError(ValueError):
-    """Weights and the genotype asked for describe different architectures."""
 
 
 def first_genotype_difference(
@@ -56,16 +53,20 @@ def first_genotype_difference(
     return None
 
 
-def read_safetensors_genotype(path: Union[str, os.PathLike]) -> Optional[str]:
-    """The genotype string stored in a safetensors file's header metadata, or None if it has none."""
+def read_safetensors_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
+    """A safetensors file's header metadata (empty if it has none)."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework='pt') as f:
-            metadata = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # safetensors raises its own SafetensorError on truncated or corrupt headers
         raise ValueError(f'Cannot read safetensors file {str(path)!r} (truncated or corrupted?): {e}. Download it '
                          f'again or re-export it with `python -m train_hooks.publish`.') from e
-    return metadata.get(SAFETENSORS_GENOTYPE_KEY)
+
+
+def read_safetensors_genotype(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The genotype string stored in a safetensors file's header metadata, or None if it has none."""
+    return read_safetensors_metadata(path).get(SAFETENSORS_GENOTYPE_KEY)
 
 
 def local_weights_file(cfg: PretrainedCfg) -> Optional[str]:
@@ -121,20 +122,18 @@ def _genotype_from_config_file(path: str, repo_id: str) -> str:
     return genotype
 
 
-def _unpublished(repo_id: str) -> RuntimeError:
-    return RuntimeError(f'No pretrained weights are published for {repo_id!r} yet (and none are in the local Hub '
-                        f'cache). {_INSTEAD}')
+def _no_weights(variant: str) -> RuntimeError:
+    return RuntimeError(f"{variant} has no pretrained weights (tags with weights: "
+                        f"{', '.join(PRETRAINED_TAGS) or 'none'}). {_INSTEAD}")
 
 
-def _download_config(repo_id: str, published: bool) -> str:
+def _download_config(repo_id: str) -> str:
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
     hub_id, revision = hf_split(repo_id)
     cached = try_to_load_from_cache(hub_id, 'config.json', revision=revision)
     if isinstance(cached, str):
         return cached
-    if not published:
-        raise _unpublished(repo_id)
     if constants.HF_HUB_OFFLINE:
         raise RuntimeError(f'HF_HUB_OFFLINE is set and {repo_id!r} is not in the local Hub cache. Download it '
                            f'once online, or unset HF_HUB_OFFLINE. {_INSTEAD}')
@@ -143,12 +142,6 @@ def _download_config(repo_id: str, published: bool) -> str:
     except Exception as e:  # network, auth and missing-repo errors all end the same way for the user
         raise RuntimeError(f'Cannot fetch config.json of {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: '
                            f'{e}). {_INSTEAD}') from e
-
-
-def _is_published(variant: str, cfg: PretrainedCfg) -> bool:
-    """False for a registered tag whose Hub repo has no files yet (`PRETRAINED_TAGS`); True for any other repo."""
-    tag = PRETRAINED_TAGS.get(f'{variant}.{cfg.tag}' if cfg.tag else variant, {})
-    return tag.get('published', True) or cfg.hf_hub_id != tag.get('hf_hub_id')
 
 
 def _genotype_of_weights(variant: str, cfg: PretrainedCfg) -> str:
@@ -162,10 +155,8 @@ def _genotype_of_weights(variant: str, cfg: PretrainedCfg) -> str:
         raise ValueError(f'Weights {cfg.file!r} carry no genotype in their metadata; pass genotype=... (the one '
                          f'they were trained with) or re-export them with `python -m train_hooks.publish`.')
     if cfg.hf_hub_id:
-        return _genotype_from_config_file(_download_config(cfg.hf_hub_id, _is_published(variant, cfg)),
-                                          cfg.hf_hub_id)
-    raise RuntimeError(f'{variant} has no pretrained weights registered (tags with weights: '
-                       f"{', '.join(PRETRAINED_TAGS) or 'none'}). {_INSTEAD}")
+        return _genotype_from_config_file(_download_config(cfg.hf_hub_id), cfg.hf_hub_id)
+    raise _no_weights(variant)
 
 
 def resolve_pretrained_genotype(
@@ -187,10 +178,9 @@ def resolve_pretrained_genotype(
         raise ValueError(f'Pretrained file {cfg.file!r} is a folder: give its weights file '
                          f'({os.path.join(cfg.file, HF_SAFE_WEIGHTS_NAME)}), or load the folder as '
                          f"timm.create_model('local-dir:{cfg.file}', pretrained=True).")
+    if not (cfg.file or cfg.hf_hub_id or cfg.url or cfg.state_dict):
+        raise _no_weights(variant)  # timm would only warn and go on with random weights
     if genotype is None:
         return _genotype_of_weights(variant, cfg)
-    if cfg.hf_hub_id and not local_weights_file(cfg) and not _is_published(variant, cfg):
-        # Fail here, as without a genotype: timm would otherwise try (and retry) to download the missing files.
-        raise _unpublished(cfg.hf_hub_id)
     check_weights_genotype(cfg, Genotype.parse(genotype, num_slots=num_slots))
     return genotype

@@ -4,8 +4,9 @@
         --model mobilenetv2_metapool_100 --out exports/my-model [--genotype runs/search1/genotype.json] \\
         [--repo-id ORG/NAME --push]
 
-Accepts timm train.py checkpoints (`checkpoint-*.pth.tar`, `model_best.pth.tar`: genotype read from the training
-`--model-kwargs`), the PMPL search's `last.pth` (genotype stored in it) and plain state_dicts (give --genotype).
+Accepts timm train.py checkpoints (`checkpoint-*.pth.tar`, `model_best.pth.tar`), the PMPL search's `last.pth` and
+safetensors files; the genotype is the one the weights carry. Search-space weights are refused unless
+--from-supernet names the sub-network to export.
 The export is checked by loading it back with `timm.create_model('local-dir:OUT', pretrained=True)`.
 """
 import argparse
@@ -26,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--checkpoint', required=True, help='timm train.py checkpoint, search last.pth, or state_dict')
     parser.add_argument('--model', required=True, help='architecture, e.g. mobilenetv2_metapool_100')
     parser.add_argument('--genotype', default=None,
-                        help="genotype JSON path or string ('skip,global,...'); default: the one in the checkpoint")
+                        help="genotype JSON path or string ('skip,global,...'); default: the one the weights carry")
+    parser.add_argument('--from-supernet', action='store_true',
+                        help='export the --genotype sub-network of search-space weights as they are (not retrained; '
+                             'no metrics)')
     parser.add_argument('--out', required=True, help='new folder to write the export to (must not exist)')
     parser.add_argument('--repo-id', default=None, help='Hub repo ORG/NAME (named in the model card; used by --push)')
     parser.add_argument('--push', action='store_true', help='upload the export to --repo-id')
@@ -52,52 +56,45 @@ def _check_model_name(model_name: str, checkpoint_arch: Optional[str]) -> None:
                          f'--model {checkpoint_arch}.')
 
 
-def _check_stored_genotype_file(stored, checkpoint_path: str) -> None:
-    """Refuse a genotype the checkpoint names only by a file path (timm train.py keeps `--model-kwargs
-    genotype=PATH` as given) where that file cannot be the one trained with: missing from here, or changed after the
-    checkpoint was written. Parameter-free slots (pools, skip) leave no trace in the weights, so the weights cannot
-    tell a changed file apart."""
-    from timm_metapool import OP_NAMES
-
-    if not isinstance(stored, str):
-        return
-    stored = stored.strip()  # as Genotype.parse reads it
-    if ',' in stored or stored in OP_NAMES or stored.lower().startswith('random:'):
-        return  # the genotype itself, not a path
-    if not os.path.isfile(stored):
-        raise ValueError(f'Checkpoint {checkpoint_path!r} names its genotype only by the file {stored!r}, as given to '
-                         f'train.py, which is not found from {os.getcwd()!r} (a relative path counts from where '
-                         f'train.py ran). Run publish from there, or pass --genotype.')
-    if os.path.getmtime(stored) > os.path.getmtime(checkpoint_path):
-        raise ValueError(f'Genotype file {stored!r}, which checkpoint {checkpoint_path!r} names as its genotype, was '
-                         f'modified after the checkpoint was written: it may no longer hold the genotype the weights '
-                         f'were trained with. Pass --genotype with that genotype (--genotype {stored} to confirm the '
-                         f'file as it is).')
-
-
-def _choose_genotype(requested: Optional[str], stored, num_slots: int, checkpoint_path: str):
+def _choose_genotype(requested: Optional[str], checkpoint, num_slots: int, from_supernet: bool):
+    """The genotype to export: the one the weights carry (`integrity.GENOTYPE_STATE_KEY`), which --genotype may
+    only confirm; for search-space weights (--from-supernet) the sub-network named by --genotype or the checkpoint.
+    Weights that carry none (a plain state_dict of another tool) need --genotype."""
+    from timm_metapool import Genotype
     from timm_metapool.hub import parse_checkpoint_genotype
+    from timm_metapool.integrity import SEARCH_SLOT, codes_to_op_names, state_dict_codes
     from timm_metapool.pretrained import first_genotype_difference
 
-    if requested is None and stored is None:
-        raise ValueError(f'Checkpoint {checkpoint_path!r} does not say which genotype it was trained with; pass '
-                         f'--genotype (the genotype.json of the search, or the string used for training).')
-    if requested is None:
-        _check_stored_genotype_file(stored, checkpoint_path)
-        try:
-            return parse_checkpoint_genotype(stored, num_slots)
-        except ValueError as e:
-            raise ValueError(f'The genotype stored in checkpoint {checkpoint_path!r} is unusable ({e}); pass '
-                             f'--genotype.') from e
-    genotype = parse_checkpoint_genotype(requested, num_slots)
-    if stored is not None:
-        try:
-            difference = first_genotype_difference(parse_checkpoint_genotype(stored, num_slots), genotype)
-        except ValueError:  # e.g. a training-time JSON path that no longer exists: --genotype replaces it
-            difference = None
+    path = checkpoint.path
+    codes = state_dict_codes(checkpoint.state_dict)
+    if codes is not None and SEARCH_SLOT in codes:
+        if not from_supernet:
+            raise ValueError(
+                f'Checkpoint {path!r} holds search-space (supernet) weights: every candidate of its open slots, '
+                f'trained together, so no metrics of it describe one sub-network. Retrain the genotype (timm '
+                f'train.py --model-kwargs genotype=...) and publish that checkpoint; or pass --from-supernet with '
+                f'--genotype to export the sub-network\'s shared weights as they are, without metrics.')
+        chosen = requested if requested is not None else checkpoint.genotype
+        if chosen is None:
+            raise ValueError(f'--from-supernet: checkpoint {path!r} does not say which sub-network to export; pass '
+                             f'--genotype (e.g. the genotype.json of the search).')
+        return parse_checkpoint_genotype(chosen, num_slots)
+    if codes is None:
+        if requested is None:
+            raise ValueError(f'The weights in {path!r} do not record their genotype (a plain state_dict made '
+                             f'without timm_metapool); pass --genotype with the one they were trained with.')
+        return parse_checkpoint_genotype(requested, num_slots)
+    names = codes_to_op_names(codes)
+    if names is None:
+        raise ValueError(f'The weights in {path!r} have slots holding modules that are none of the eight '
+                         f'candidates (e.g. timm\'s SqueezeExcite put in the slots); they cannot be exported as a '
+                         f'Meta-Pooling genotype.')
+    genotype = Genotype(tuple(names))
+    if requested is not None:
+        difference = first_genotype_difference(genotype, parse_checkpoint_genotype(requested, num_slots))
         if difference:
-            raise ValueError(f'--genotype disagrees with the genotype stored in the checkpoint: {difference}. '
-                             f'Leave --genotype out to use the stored one.')
+            raise ValueError(f'--genotype disagrees with the genotype stored in the checkpoint\'s weights: '
+                             f'{difference}. Leave --genotype out to use the stored one.')
     return genotype
 
 
@@ -129,12 +126,15 @@ def publish(args: argparse.Namespace) -> str:
     if os.path.lexists(args.out):  # a dangling symlink too
         raise FileExistsError(f'Output directory {args.out!r} already exists; give a new --out (nothing was written).')
 
+    if args.from_supernet and args.metrics:
+        raise ValueError('--from-supernet exports shared weights that were never trained as this sub-network: no '
+                         'metrics describe them. Drop --metrics (or retrain the genotype and publish that).')
     checkpoint = hub.load_trained_checkpoint(args.checkpoint, use_ema=args.use_ema)
     metrics = _read_card_metrics(args.metrics, checkpoint, args.use_ema) if args.metrics else None
     _check_model_name(args.model, checkpoint.arch)
     # Presets ('skip', 'random:0') need the slot count; a parameter-free build is the one place that knows it.
     num_slots = timm.create_model(args.model, genotype='skip').num_slots
-    genotype = _choose_genotype(args.genotype, checkpoint.genotype, num_slots, checkpoint.path)
+    genotype = _choose_genotype(args.genotype, checkpoint, num_slots, args.from_supernet)
     model = hub.build_model_for_weights(args.model, genotype, checkpoint.state_dict)
 
     out = hub.export_for_hub(

@@ -31,6 +31,7 @@ from timm.scheduler import CosineLRScheduler
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.data import (
     DatasetSplit, dataset_class_names, dataset_targets, generate_demo_dataset, stored_image_mode, stratified_split)
+from timm_metapool.integrity import check_weights_checksum, weights_checksum
 from timm_metapool.ops import OP_NAMES
 from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch
 
@@ -466,8 +467,9 @@ def unconverted_by_train_py(args: argparse.Namespace, stored_mode: Optional[str]
             f"{Image.getmodebands(stored_mode)} {input_size[1]} {input_size[2]} and --mean/--std to match them.")
 
 
-def retrain_command(args, genotype_path: str, num_classes: int, data_config) -> str:
-    """timm train.py's command line for the paper's retrain recipe on the searched data (shell-quoted)."""
+def retrain_command(args, genotype_path: str, num_classes: int, data_config, device: torch.device) -> str:
+    """timm train.py's command line for the paper's retrain recipe on the searched data (shell-quoted); off CUDA it
+    names the device, since train.py defaults to cuda."""
     data = args.data_dir or os.path.join(args.output, 'demo_data')
     quote = shlex.quote
     parts = [
@@ -481,6 +483,7 @@ def retrain_command(args, genotype_path: str, num_classes: int, data_config) -> 
         f"--std {' '.join(map(str, args.std))}" if args.std else '',
         f'--input-img-mode {quote(args.input_img_mode)}' if args.input_img_mode else '',
         '--epochs 200 --sched cosine --opt sgd --lr 0.05 --momentum 0.9 --weight-decay 4e-5 -b 128',
+        f'--device {device.type}' if device.type != 'cuda' else '',
     ]
     return ' '.join(p for p in parts if p)
 
@@ -490,11 +493,16 @@ def load_resume_state(args: argparse.Namespace) -> Optional[Dict]:
     if not args.resume:
         return None
     try:
-        state = torch.load(args.resume, map_location='cpu', weights_only=False)
+        state = torch.load(args.resume, map_location='cpu', weights_only=True)  # never unpickles code
     except Exception as e:  # torch raises several types for files that are not checkpoints
-        raise SystemExit(f'error: cannot read --resume {args.resume!r}: {e}')
+        raise SystemExit(f'error: cannot read --resume {args.resume!r} as a search checkpoint (loaded with '
+                         f'torch.load(weights_only=True), which refuses pickled code): {e}')
     if not isinstance(state, dict) or state.get('format_version') != CHECKPOINT_FORMAT or 'search' not in state:
         raise SystemExit(f'error: {args.resume!r} is not a PMPL search checkpoint (OUTPUT/{CHECKPOINT_NAME}).')
+    try:
+        check_weights_checksum(state.get('state_dict', {}), state.get('weights_sha256'), args.resume)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}')
     return state
 
 
@@ -741,9 +749,11 @@ def save_checkpoint(args, search: PMPLSearch, model, epoch: int, global_step: in
                     num_classes: int) -> None:
     """OUTPUT/last.pth, written atomically: a kill mid-write leaves the previous epoch's file intact."""
     genotype = model.genotype
+    state_dict = model.state_dict()
     atomic_save(dict(
         format_version=CHECKPOINT_FORMAT, model=args.model, num_slots=model.num_slots, epoch=epoch,
-        global_step=global_step, state_dict=model.state_dict(), search=search.state_dict(),
+        global_step=global_step, state_dict=state_dict, weights_sha256=weights_checksum(state_dict),
+        search=search.state_dict(),
         genotype=None if genotype is None else genotype.to_string(), log_rows=log_rows, history=history,
         elapsed_s=elapsed, args=_args_for_resume(args), num_classes=num_classes,
     ), os.path.join(args.output, CHECKPOINT_NAME))
@@ -809,7 +819,7 @@ def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, 
         seed=args.seed, world_size=dist_env.world_size, rank_probabilities=rank_probabilities, args=vars(args),
     )
     atomic_write_text(json.dumps(summary, indent=2), genotype_path)
-    command = retrain_command(args, genotype_path, num_classes, data_config)
+    command = retrain_command(args, genotype_path, num_classes, data_config, dist_env.device)
     atomic_write_text(command + '\n' + (f'# {note}\n' if note else ''), os.path.join(args.output, RETRAIN_NAME))
     plotted = plot_search(history, events_out, OP_NAMES, model.num_slots, os.path.join(args.output, PLOT_NAME),
                           title=f'PMPL search of {args.model}')
