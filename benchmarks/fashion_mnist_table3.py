@@ -342,6 +342,19 @@ def search_argv(config: SearchConfig, data_root: str, out: str) -> List[str]:
     return argv + ([] if config.early_stop else ['--no-early-stop'])
 
 
+def discard_stale_search(out: str, config: SearchConfig) -> None:
+    """Remove a search output dir made with other settings, so it is neither resumed nor reused."""
+    stamp = out + '.config.json'
+    wanted = dict(search=dataclasses.asdict(config), recipe=dataclasses.asdict(RECIPE))
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f) == json.loads(json.dumps(wanted)):
+                return
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    write_json(wanted, stamp)
+
+
 def run_search(task: Task, data_root: str, work_dir: str) -> Dict:
     """`train_hooks.search` in this process (resumed from its last.pth when one is there); its genotype.json,
     search.png and search_log.csv are copied into the results, with a result.json on cost."""
@@ -349,6 +362,7 @@ def run_search(task: Task, data_root: str, work_dir: str) -> Dict:
     out = os.path.join(work_dir, 'searches', task.name)
     argv = search_argv(config, data_root, out)
     resume = os.path.join(out, 'last.pth')
+    discard_stale_search(out, config)
     load_start, start = os.getloadavg()[0], time.time()
     with models_with_output_stride():
         if os.path.exists(os.path.join(out, 'genotype.json')):
