@@ -3,6 +3,7 @@
 The paper (Sec. 2.2) creates the meta dataset "by separating the original training dataset"; the validation split is
 never used to update alpha.
 """
+import hashlib
 import os
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose
 
-__all__ = ['dataset_targets', 'dataset_class_names', 'stratified_split', 'ConvertImageMode', 'stored_image_mode',
+__all__ = ['dataset_targets', 'dataset_class_names', 'sample_ids', 'split_fingerprint', 'stratified_split', 'ConvertImageMode', 'stored_image_mode',
            'DatasetSplit', 'DEMO_CLASSES', 'generate_demo_dataset']
 
 
@@ -103,6 +104,28 @@ def stored_image_mode(dataset: Any) -> Optional[str]:
     when its samples are not PIL images."""
     image = dataset[0][0]
     return image.mode if isinstance(image, Image.Image) else None
+
+
+def sample_ids(dataset: Any, root: Optional[str] = None) -> List[str]:
+    """One id per sample, read from the dataset's index: its file path (relative to `root`) and class for timm's
+    folder/tar readers, else its position and class. What a split fingerprint is made of."""
+    reader = getattr(dataset, 'reader', None)
+    samples = getattr(reader, 'samples', None)
+    if samples is not None and all(isinstance(s, (tuple, list)) and len(s) == 2 for s in samples[:1]):
+        return [f'{os.path.relpath(str(p), root) if root else p}:{int(t)}' for p, t in samples]
+    return [f'{i}:{t}' for i, t in enumerate(dataset_targets(dataset))]
+
+
+def split_fingerprint(train: 'DatasetSplit', meta: 'DatasetSplit', root: Optional[str] = None) -> str:
+    """SHA-256 of the samples in the train and the meta split: a resumed search checks that its data still makes
+    the split it was searching on (Sec. 2.2: alpha learns on the meta split, theta on the train split)."""
+    ids = sample_ids(train.dataset, root)
+    digest = hashlib.sha256()
+    for name, split in (('train', train), ('meta', meta)):
+        digest.update(name.encode())
+        for index in split.indices:
+            digest.update(ids[index].encode() + b'\n')
+    return digest.hexdigest()
 
 
 class DatasetSplit(torch.utils.data.Dataset):

@@ -167,6 +167,7 @@ class PMPLSearch:
             raise TypeError(f'PMPLSearch searches a Meta-Pooling model (timm.create_model(\'mobilenetv2_metapool_*\') '
                             f'after `import timm_metapool`); got {type(model).__name__}.')
         self.model = model
+        model.trained_by_pmpl = True  # its train() need not warn that plain training is not PMPL
         self.config = config
         self.loss_fn = loss_fn
         self._wrap = wrap
@@ -327,6 +328,25 @@ class PMPLSearch:
             self.grad_scaler.load_state_dict(state['grad_scaler'])
         self._freeze_alpha()
         self.train_module = self._wrap(self.model)
+
+    def apply_config(self, config: PMPLConfig) -> List[str]:
+        """Make `config` the settings in force, optimizers included: after `load_state_dict` they hold the saved
+        run's lr, momentum and weight decays (the weight lr as the scheduler's base, `initial_lr`). Returns one
+        'name old -> new' line per setting that changed."""
+        weight_group, arch_group = self.weight_optimizer.param_groups[0], self.arch_optimizer.param_groups[0]
+        in_force = dict(lr=weight_group.get('initial_lr', weight_group['lr']), momentum=weight_group['momentum'],
+                        weight_decay=weight_group['weight_decay'], arch_lr=arch_group['lr'],
+                        arch_weight_decay=arch_group['weight_decay'], rho=self.config.rho)
+        changes = [f'{name} {old} -> {getattr(config, name)}' for name, old in in_force.items()
+                   if old != getattr(config, name)]
+        for group in self.weight_optimizer.param_groups:
+            group.update(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+            if 'initial_lr' in group:
+                group['initial_lr'] = config.lr
+        for group in self.arch_optimizer.param_groups:
+            group.update(lr=config.arch_lr, weight_decay=config.arch_weight_decay)
+        self.config = config
+        return changes
 
 
 def _check_finite(loss: torch.Tensor, which: str) -> None:

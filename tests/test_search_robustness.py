@@ -1,0 +1,149 @@
+"""A search run never lies about itself: settings given again on resume, --overwrite, data changed under a resume,
+a full disk, damaged checkpoints, the rerun hint, and what a killed export leaves behind."""
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+import timm
+from timm.scheduler import CosineLRScheduler
+
+from timm_metapool.data import generate_demo_dataset
+from timm_metapool.hub import export_for_hub
+from timm_metapool.pmpl import PMPLConfig, PMPLSearch
+from train_hooks.search import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = 'mobilenetv2_metapool_035'
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return generate_demo_dataset(str(tmp_path_factory.mktemp('robust') / 'data'), images_per_class={'train': 8})
+
+
+def search_args(data_dir, output, *extra):
+    return ['--data-dir', str(data_dir), '--output', str(output), '--model', MODEL, '--img-size', '32', '-b', '16',
+            '--epochs', '1', '--workers', '0', '--lr', '0.01', '--quiet', '--device', 'cpu', *extra]
+
+
+def test_resume_applies_settings_given_again_to_the_restored_optimizers():
+    torch.manual_seed(0)
+    search = PMPLSearch(timm.create_model(MODEL, num_classes=4), PMPLConfig(lr=0.05, arch_lr=0.01))
+    CosineLRScheduler(search.weight_optimizer, t_initial=100, t_in_epochs=False)  # stores initial_lr in the group
+    state, weights = copy.deepcopy(search.state_dict()), copy.deepcopy(search.model.state_dict())
+
+    resumed = PMPLSearch(timm.create_model(MODEL, num_classes=4), PMPLConfig(lr=0.05, arch_lr=0.01))
+    resumed.load_state_dict(state, weights)
+    changes = resumed.apply_config(PMPLConfig(lr=0.001, momentum=0.0, arch_lr=0.5, rho=0.3))
+    assert changes == ['lr 0.05 -> 0.001', 'momentum 0.9 -> 0.0', 'arch_lr 0.01 -> 0.5', 'rho 0.2 -> 0.3']
+    scheduler = CosineLRScheduler(resumed.weight_optimizer, t_initial=100, t_in_epochs=False)  # as the CLI does
+    scheduler.step_update(0)
+    assert resumed.weight_optimizer.param_groups[0]['lr'] == pytest.approx(0.001)
+    assert resumed.weight_optimizer.param_groups[0]['momentum'] == 0.0
+    assert resumed.arch_optimizer.param_groups[0]['lr'] == 0.5 and resumed.config.rho == 0.3
+    assert resumed.apply_config(PMPLConfig(lr=0.001, momentum=0.0, arch_lr=0.5, rho=0.3)) == []
+
+
+def _checkpoint_epoch(path):
+    try:
+        return torch.load(path, weights_only=True)['epoch']
+    except Exception:  # mid-rename
+        return None
+
+
+def test_resume_with_a_new_lr_uses_and_records_it(data_dir, tmp_path, capsys):
+    out = tmp_path / 'killed'
+    process = subprocess.Popen([sys.executable, '-m', 'train_hooks.search',
+                                *search_args(data_dir, out, '--epochs', '3', '--rho', '0.9')],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start, epoch = time.time(), None
+    while time.time() - start < 300 and process.poll() is None and epoch is None:
+        epoch = _checkpoint_epoch(out / 'last.pth') if (out / 'last.pth').exists() else None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert epoch is not None and epoch < 3, 'the run should be killed mid-way'
+    main(['--resume', str(out / 'last.pth'), '--lr', '0.002'])
+    assert 'Resume with a new setting: lr 0.01 -> 0.002' in capsys.readouterr().out
+    state = torch.load(out / 'last.pth', weights_only=True)
+    assert state['args']['lr'] == 0.002
+    assert state['search']['weight_optimizer']['param_groups'][0]['initial_lr'] == 0.002
+
+
+def test_overwrite_leaves_no_file_of_the_earlier_run(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    main(search_args(data_dir, out))
+    assert {'genotype.json', 'search.png', 'retrain_command.txt', 'last.pth'} <= set(os.listdir(out))
+    with pytest.raises(SystemExit, match='diverged.*No epoch had completed'):
+        main(search_args(data_dir, out, '--overwrite', '--lr', '1e38'))
+    left = set(os.listdir(out))
+    assert not left & {'genotype.json', 'search.png', 'retrain_command.txt', 'last.pth', 'search_log.csv'}
+
+
+def test_resume_after_the_data_changed_stops_with_what_changed(data_dir, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(data_dir, data)
+    out = tmp_path / 'run'
+    main(search_args(data, out))
+    first_class = sorted(os.listdir(data / 'train'))[0]
+    for name in sorted(os.listdir(data / 'train' / first_class))[:2]:
+        os.remove(data / 'train' / first_class / name)
+    with pytest.raises(SystemExit, match='training data changed .* 32 train / 32 meta images, and now makes 31 / 31'):
+        main(['--resume', str(out / 'last.pth')])
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    mount_point = tmp_path / 'small'
+    mount_point.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip('mounting a tmpfs needs root')
+    yield mount_point
+    subprocess.run(['umount', str(mount_point)], check=True)
+
+
+def test_full_disk_is_named_and_leaves_no_partial_file(data_dir, small_tmpfs):
+    out = small_tmpfs / 'run'
+    with pytest.raises(SystemExit, match='No space left on device while writing .*last.pth'):
+        main(search_args(data_dir, out))
+    left = os.listdir(out) if out.exists() else []
+    assert not [name for name in left if name.endswith('.tmp')]
+    assert 'search_log.csv' not in left  # the log never runs ahead of the checkpoint
+
+
+def test_rerun_hint_without_a_checkpoint_does_not_offer_resume(data_dir, tmp_path):
+    out = tmp_path / 'early_kill'
+    out.mkdir()
+    (out / 'stray.txt').write_text('left by a run killed in its first epoch')
+    with pytest.raises(SystemExit) as e:
+        main(search_args(data_dir, out))
+    assert 'no checkpoint is in it' in str(e.value) and '--resume' not in str(e.value)
+    assert '--overwrite' in str(e.value)
+
+
+def test_damaged_checkpoint_names_what_it_lacks(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    main(search_args(data_dir, out))
+    state = torch.load(out / 'last.pth', weights_only=True)
+    del state['log_rows']
+    damaged = tmp_path / 'damaged.pth'
+    torch.save(state, damaged)
+    with pytest.raises(SystemExit, match=f"{damaged}.* damaged search checkpoint: it lacks log_rows"):
+        main(['--resume', str(damaged)])
+
+
+def test_an_interrupted_export_leaves_nothing_after_the_next_one(tmp_path):
+    # What a publish killed mid-write leaves: its hidden staging folder beside the --out it was writing.
+    stale = tmp_path / f'.export.{uuid.uuid4().hex[:8]}'
+    stale.mkdir()
+    (stale / 'model.safetensors').write_bytes(b'partial')
+    export_for_hub(timm.create_model(MODEL, genotype='avg3', num_classes=4), tmp_path / 'export')
+    assert sorted(os.listdir(tmp_path)) == ['export']
