@@ -14,6 +14,7 @@ from timm.models import load_checkpoint, resume_checkpoint
 from timm.utils import CheckpointSaver, ModelEmaV3
 
 import timm_metapool  # noqa: F401
+from _helpers import randomize_bn
 from timm_metapool.data import generate_demo_dataset
 from timm_metapool.hub import export_for_hub
 from timm_metapool.integrity import GENOTYPE_STATE_KEY, ChecksumMismatchError, GenotypeMismatchError
@@ -35,18 +36,11 @@ def _x():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def _randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
 
 
 def _model(genotype, seed=0):
     torch.manual_seed(seed)
-    return _randomize_bn(timm.create_model(MODEL, genotype=genotype, num_classes=NUM_CLASSES), seed).eval()
+    return randomize_bn(timm.create_model(MODEL, genotype=genotype, num_classes=NUM_CLASSES), seed).eval()
 
 
 SLOT0_SWAP = r"slot 0 \(blocks\.1\.0\) is 'max3' in the weights but 'avg7' in this model"
@@ -97,7 +91,7 @@ def test_timm_loaders_and_checkpoint_saver_files_carry_the_genotype(tmp_path):
 
 
 def test_timm_base_weights_load_exactly_into_all_skip_and_warm_start_other_genotypes(tmp_path, caplog):
-    base = _randomize_bn(timm.create_model('mobilenetv2_035', num_classes=NUM_CLASSES)).eval()
+    base = randomize_bn(timm.create_model('mobilenetv2_035', num_classes=NUM_CLASSES)).eval()
     assert GENOTYPE_STATE_KEY not in base.state_dict()
     skip = _model('skip', seed=5)
     skip.load_state_dict(base.state_dict())  # strict: timm's own weights, no genotype, fit all-skip exactly
@@ -205,7 +199,7 @@ def test_flipped_bytes_in_an_export_are_caught(tmp_path):
 
 def test_publish_refuses_search_space_weights_unless_asked(tmp_path):
     torch.manual_seed(2)
-    supernet = _randomize_bn(timm.create_model(MODEL, num_classes=NUM_CLASSES), seed=2)
+    supernet = randomize_bn(timm.create_model(MODEL, num_classes=NUM_CLASSES), seed=2)
     path = tmp_path / 'supernet.pth.tar'
     torch.save({'epoch': 3, 'arch': MODEL, 'args': argparse.Namespace(model=MODEL, model_kwargs={}),
                 'state_dict': supernet.state_dict()}, path)

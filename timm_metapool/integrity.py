@@ -7,7 +7,7 @@ the candidate's index in `OP_NAMES`, `SEARCH_SLOT` for an open `MetaPooling`, `O
 in a slot), and refuses, on load, weights whose genotype differs from its own, naming the first differing slot.
 """
 import hashlib
-from typing import List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from .ops import OP_NAMES, op_name_of
 
 __all__ = [
     'GENOTYPE_STATE_KEY', 'SEARCH_SLOT', 'OTHER_SLOT', 'GenotypeMismatchError', 'ChecksumMismatchError',
-    'slot_code', 'genotype_codes', 'codes_tensor', 'describe_code', 'first_code_difference', 'check_genotype_codes',
+    'slot_code', 'genotype_codes', 'codes_tensor', 'describe_code', 'first_slot_difference', 'check_genotype_codes',
     'state_dict_codes', 'codes_to_op_names', 'weights_checksum', 'check_weights_checksum',
 ]
 
@@ -59,19 +59,21 @@ def describe_code(code: int) -> str:
     return 'a module that is none of the eight candidates'
 
 
-def first_code_difference(
-        stored: Sequence[int],
-        own: Sequence[int],
+def first_slot_difference(
+        stored: Sequence,
+        own: Sequence,
         slot_names: Optional[Sequence[str]] = None,
+        describe: Callable[[Any], str] = describe_code,
+        own_name: str = 'this model',
 ) -> Optional[str]:
-    """A sentence naming the first slot where the weights' codes differ from the model's, or None if equal."""
+    """A sentence naming the first slot where the weights' slots (codes, or op names with `describe=repr`) differ
+    from `own`, or None if they are equal."""
     if len(stored) != len(own):
-        return f'the weights have {len(stored)} enhancer slots, this model {len(own)}'
+        return f'the weights have {len(stored)} enhancer slots, {own_name} {len(own)}'
     for index, (have, want) in enumerate(zip(stored, own)):
         if have != want:
             where = f' ({slot_names[index]})' if slot_names else ''
-            return (f'slot {index}{where} is {describe_code(have)} in the weights but {describe_code(want)} in this '
-                    f'model')
+            return f'slot {index}{where} is {describe(have)} in the weights but {describe(want)} in {own_name}'
     return None
 
 
@@ -96,7 +98,7 @@ def check_genotype_codes(
 ) -> None:
     """Raise `GenotypeMismatchError` unless the weights' genotype tensor equals the model's codes."""
     stored_codes = [int(c) for c in torch.as_tensor(stored).reshape(-1).tolist()]
-    difference = first_code_difference(stored_codes, own, slot_names)
+    difference = first_slot_difference(stored_codes, own, slot_names)
     if difference:
         raise GenotypeMismatchError(f'These weights were made for another Meta-Pooling genotype: {difference}. '
                                     f'{_fix_hint(stored_codes, own)}')

@@ -15,7 +15,7 @@ from timm.models._hub import HF_SAFE_WEIGHTS_NAME, hf_split
 from timm.models._pretrained import PretrainedCfg
 
 from .genotype import Genotype, GenotypeLike
-from .integrity import GenotypeMismatchError
+from .integrity import GenotypeMismatchError, first_slot_difference
 
 __all__ = [
     'PRETRAINED_TAGS', 'SAFETENSORS_GENOTYPE_KEY', 'SAFETENSORS_CHECKSUM_KEY', 'GenotypeMismatchError',
@@ -44,13 +44,8 @@ def first_genotype_difference(
         slot_names: Optional[Sequence[str]] = None,
 ) -> Optional[str]:
     """A sentence naming the first slot where the two genotypes differ, or None if they are equal."""
-    if len(weights_genotype) != len(requested):
-        return f'the weights have {len(weights_genotype)} enhancer slots, the model {len(requested)}'
-    for index, (have, want) in enumerate(zip(weights_genotype, requested)):
-        if have != want:
-            where = f' ({slot_names[index]})' if slot_names else ''
-            return f'slot {index}{where} holds {have!r} in the weights but {want!r} in the requested genotype'
-    return None
+    return first_slot_difference(tuple(weights_genotype), tuple(requested), slot_names, describe=repr,
+                                 own_name='the requested genotype')
 
 
 def read_safetensors_metadata(path: Union[str, os.PathLike]) -> Dict[str, str]:
