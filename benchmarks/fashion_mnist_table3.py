@@ -187,11 +187,21 @@ def resolve_genotype(arm: Arm, seed: int) -> Optional[str]:
     return timm_metapool.Genotype.parse(spec, num_slots=num_slots()).to_string()
 
 
+def slot_attr() -> str:
+    """Name of a block's enhancer-slot child (`meta_pool`; `se` in versions before timm_metapool.blocks)."""
+    try:
+        from timm_metapool.blocks import SLOT_ATTR
+    except ImportError:
+        return 'se'
+    return SLOT_ATTR
+
+
 def with_timm_attention(model: torch.nn.Module, attention: str) -> torch.nn.Module:
-    """timm's SqueezeExcite or CoordAttn in every enhancer slot (the block's `se`), as the paper's Tables 2 and 4."""
+    """timm's SqueezeExcite or CoordAttn in every enhancer slot, as the paper's Tables 2 and 4 (the model is built
+    all-`skip`, so the slot is empty otherwise)."""
     for block in model.enhancer_blocks():
         channels = block.conv_dw.out_channels
-        block.se = SqueezeExcite(channels, rd_ratio=0.25) if attention == 'se' else CoordAttn(channels)
+        setattr(block, slot_attr(), SqueezeExcite(channels, rd_ratio=0.25) if attention == 'se' else CoordAttn(channels))
     return model
 
 
@@ -204,7 +214,7 @@ def build_model(genotype: Optional[str], attention: Optional[str]) -> torch.nn.M
 def slot_map_sizes(model: torch.nn.Module) -> List[Tuple[int, int]]:
     """Spatial size of the map each enhancer slot sees for one RECIPE.img_size input."""
     sizes: List[Tuple[int, int]] = []
-    hooks = [b.se.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+    hooks = [getattr(b, slot_attr()).register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
              for b in model.enhancer_blocks()]
     with torch.no_grad():
         model.eval()(torch.zeros(1, 1, RECIPE.img_size, RECIPE.img_size))
@@ -512,13 +522,13 @@ def mean_std(values: Sequence[float]) -> str:
     return f'{statistics.mean(values):.2f} ± {std:.2f}' if len(values) > 1 else f'{values[0]:.2f} (1 seed)'
 
 
-def size_and_latency(rounds: int = 30) -> Dict[str, Dict]:
+def size_and_latency(runs: Dict[str, Dict[int, Dict]], rounds: int = 30) -> Dict[str, Dict]:
     """Params, MACs and CPU batch-1 latency (ms, median, all models timed interleaved) of every arm whose genotype is
     known; Random is measured with seed 0's genotype. MACs and latency come from benchmarks/bench_speed.py; while it
     cannot be imported (the package mid-edit) they are left out until the next rebuild."""
     x = torch.randn(1, 1, RECIPE.img_size, RECIPE.img_size)
     models = {name: build_model(genotype, arm.attention).eval() for name, arm in ARMS.items()
-              if (genotype := resolve_genotype(arm, 0)) is not None}
+              if (genotype := trained_genotype(runs, name, 0)) is not None}
     out = {name: dict(params=sum(p.numel() for p in m.parameters())) for name, m in models.items()}
     sys.path.insert(0, BENCH_DIR)
     try:
@@ -550,14 +560,21 @@ def table_rows(runs: Dict[str, Dict[int, Dict]], sizes: Dict[str, Dict]) -> List
     return lines
 
 
+def trained_genotype(runs: Dict[str, Dict[int, Dict]], name: str, seed: int) -> Optional[str]:
+    """The genotype a finished run trained (recorded in its result file), else the one it will train."""
+    if seed in runs[name]:
+        return runs[name][seed]['genotype']
+    return resolve_genotype(ARMS[name], seed)
+
+
 def genotype_rows(runs: Dict[str, Dict[int, Dict]]) -> List[str]:
     lines = ['| arm | seed | genotype (slot 0 ... 15) |', '|---|---|---|']
     for name in ('pmpl_a', 'pmpl_b', 'random'):
         for seed in SEEDS if name == 'random' else (0,):
-            genotype = resolve_genotype(ARMS[name], seed)
+            genotype = trained_genotype(runs, name, seed)
             lines.append(f"| {ARMS[name].label} | {seed if name == 'random' else 'all'} | "
                          f"{'`' + genotype + '`' if genotype else 'pending'} |")
-    a, b = resolve_genotype(ARMS['pmpl_a'], 0), resolve_genotype(ARMS['pmpl_b'], 0)
+    a, b = trained_genotype(runs, 'pmpl_a', 0), trained_genotype(runs, 'pmpl_b', 0)
     if a and b:
         shared = [i for i, (x, y) in enumerate(zip(a.split(','), b.split(','))) if x == y]
         lines += ['', f'Searches A and B agree on {len(shared)} of 16 slots ({", ".join(map(str, shared)) or "none"}).']
@@ -630,7 +647,7 @@ def plot(runs: Dict[str, Dict[int, Dict]], path: str) -> bool:
 
 def generated_report(with_latency: bool = True) -> str:
     runs, searches = load_runs(), load_searches()
-    sizes = size_and_latency() if with_latency else {}
+    sizes = size_and_latency(runs) if with_latency else {}
     queue = build_queue()
     done = sum(is_finished(t) for t in queue)
     skip_accs = [r['top1'] for r in runs['skip'].values()]
