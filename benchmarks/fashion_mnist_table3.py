@@ -103,6 +103,7 @@ class Arm:
 
 
 RECIPE = Recipe()
+SEARCH_RECIPE_FIELDS = ('model', 'img_size', 'output_stride', 'batch_size', 'smoothing', 'scale')
 SEARCHES: Dict[str, SearchConfig] = {
     'pmpl_a': SearchConfig(seed=0),
     'pmpl_b': SearchConfig(seed=1),
@@ -352,10 +353,15 @@ def search_argv(config: SearchConfig, data_root: str, out: str) -> List[str]:
     return argv + ([] if config.early_stop else ['--no-early-stop'])
 
 
+def search_recipe() -> Dict:
+    """The fields of RECIPE a search uses: a change to the retrain schedule leaves finished searches valid."""
+    return json.loads(json.dumps({k: getattr(RECIPE, k) for k in SEARCH_RECIPE_FIELDS}))
+
+
 def discard_stale_search(out: str, config: SearchConfig) -> None:
     """Remove a search output dir made with other settings, so it is neither resumed nor reused."""
     stamp = out + '.config.json'
-    wanted = dict(search=dataclasses.asdict(config), recipe=dataclasses.asdict(RECIPE))
+    wanted = dict(search=dataclasses.asdict(config), recipe=search_recipe())
     if os.path.exists(stamp):
         with open(stamp) as f:
             if json.load(f) == json.loads(json.dumps(wanted)):
@@ -387,7 +393,7 @@ def run_search(task: Task, data_root: str, work_dir: str) -> Dict:
     steps = summary['steps_run']
     per_step = RECIPE.batch_size * 2  # Algorithm 1: fwd+bwd of a train batch and of a meta batch per step
     return dict(
-        kind='search', name=task.name, config=dataclasses.asdict(config), recipe=dataclasses.asdict(RECIPE),
+        kind='search', name=task.name, config=dataclasses.asdict(config), recipe=search_recipe(),
         command='python -m train_hooks.search ' + ' '.join(argv) + '  (model built with output_stride='
                 f'{RECIPE.output_stride})', genotype=','.join(summary['ops']), epochs_run=summary['epochs_run'],
         steps_run=steps, steps_per_epoch=data['train_images'] // RECIPE.batch_size,  # the last partial batch is dropped
@@ -458,13 +464,33 @@ def is_finished(task: Task) -> bool:
             return False
     with open(path) as f:
         result = json.load(f)
-    same_search = task.kind != 'search' or result['config'] == dataclasses.asdict(SEARCHES[task.name])
-    return same_search and result['recipe'] == json.loads(json.dumps(dataclasses.asdict(RECIPE)))
+    if task.kind == 'search':
+        return result['config'] == dataclasses.asdict(SEARCHES[task.name]) and result['recipe'] == search_recipe()
+    return result['recipe'] == json.loads(json.dumps(dataclasses.asdict(RECIPE)))
 
 
-def is_ready(task: Task) -> bool:
-    """A PMPL retrain waits for its search."""
-    return task.kind != 'retrain' or resolve_genotype(ARMS[task.name], task.seed) is not None
+def recipe_validated() -> Optional[bool]:
+    """Whether all-`skip` seed 0 reached the convergence target with the current recipe (None: not finished yet)."""
+    baseline = Task('retrain', 'skip', 0)
+    if not is_finished(baseline):
+        return None
+    with open(result_path(baseline)) as f:
+        return json.load(f)['top1'] >= TARGET_SKIP_TOP1
+
+
+def waits_for(task: Task) -> Optional[str]:
+    """Why `task` cannot run yet, or None. Retrains other than all-`skip` seed 0 wait until that run shows the recipe
+    reaches the convergence target; a PMPL retrain also waits for its search."""
+    if task.kind != 'retrain' or task == Task('retrain', 'skip', 0):
+        return None
+    validated = recipe_validated()
+    if validated is None:
+        return 'waiting for all-skip seed 0 (the convergence check)'
+    if not validated:
+        return f'held: all-skip seed 0 ended below {TARGET_SKIP_TOP1} %; raise Recipe.epochs'
+    if resolve_genotype(ARMS[task.name], task.seed) is None:
+        return 'waiting for its search'
+    return None
 
 
 def git_commit(paths: Sequence[str], message: str, attempts: int = 10) -> bool:
@@ -705,13 +731,14 @@ def run_task(task: Task, data_root: str, work_dir: str) -> List[str]:
     write_json(result, path)
     if result['arm'] == 'skip' and result['top1'] < TARGET_SKIP_TOP1:
         print(f'  WARNING: all-skip seed {task.seed} ended at {result["top1"]:.2f} % < {TARGET_SKIP_TOP1} %: the '
-              f'recipe does not converge far enough; raise Recipe.epochs (old results are then ignored)', flush=True)
+              f'recipe does not converge far enough. Retrains are held (searches go on); raise Recipe.epochs and '
+              f'restart (results made with the old recipe are then ignored)', flush=True)
     return [path]
 
 
 def print_status(queue: Sequence[Task]) -> None:
     for task in queue:
-        state = 'finished' if is_finished(task) else ('waiting for its search' if not is_ready(task) else 'to run')
+        state = 'finished' if is_finished(task) else (waits_for(task) or 'to run')
         print(f'{task.run_id:32s} {state}')
 
 
@@ -733,7 +760,7 @@ def run_queue(queue: Sequence[Task], data_root: str, work_dir: str, commit: bool
     """Every unfinished, ready entry in order; a failure is logged and the entry is retried on the next start."""
     ran = 0
     for task in queue:
-        if is_finished(task) or not is_ready(task):
+        if is_finished(task) or waits_for(task):
             continue
         if max_runs is not None and ran >= max_runs:
             break
