@@ -147,3 +147,51 @@ def test_an_interrupted_export_leaves_nothing_after_the_next_one(tmp_path):
     (stale / 'model.safetensors').write_bytes(b'partial')
     export_for_hub(timm.create_model(MODEL, genotype='avg3', num_classes=4), tmp_path / 'export')
     assert sorted(os.listdir(tmp_path)) == ['export']
+
+
+def _image_folder(root, per_class=16, size=32):
+    """A small ImageFolder of PNGs (two classes of distinct brightness) to damage on purpose."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for label, level in (('dark', 40), ('light', 200)):
+        (root / 'train' / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(level, 20, (size, size, 3)), 0, 255).astype('uint8')
+            Image.fromarray(pixels).save(root / 'train' / label / f'{i:02d}.png')
+    return root
+
+
+def test_bad_images_are_listed_before_the_search_or_left_out_and_counted(tmp_path):
+    from PIL import Image
+    data = _image_folder(tmp_path / 'data')
+    empty = data / 'train' / 'dark' / '00.png'
+    empty.write_bytes(b'')
+    garbage = data / 'train' / 'light' / '03.png'
+    garbage.write_bytes(b'not an image at all')
+    bomb = data / 'train' / 'light' / '05.png'
+    Image.new('1', (14000, 14000)).save(bomb)  # over PIL's decompression-bomb limit, small on disk
+    args = ['--data-dir', str(data), '--model', MODEL, '--img-size', '32', '-b', '8', '--epochs', '1', '--workers',
+            '0', '--lr', '0.01', '--quiet', '--device', 'cpu']
+    with pytest.raises(SystemExit) as e:
+        main(args + ['--output', str(tmp_path / 'refused')])
+    message = str(e.value)
+    assert '3 of the 32 training images cannot be used' in message
+    assert f'{empty}: empty file' in message and f'{garbage}: unreadable' in message and f'{bomb}: ' in message
+    assert '--skip-bad-images' in message
+    main(args + ['--output', str(tmp_path / 'skipped'), '--skip-bad-images'])
+    summary = __import__('json').loads((tmp_path / 'skipped' / 'genotype.json').read_text())
+    assert summary['data']['bad_images_left_out'] == 3
+    assert summary['data']['train_images'] + summary['data']['meta_images'] == 29
+
+
+def test_an_image_that_fails_to_decode_mid_run_is_named_not_replaced(tmp_path):
+    data = _image_folder(tmp_path / 'data')
+    truncated = data / 'train' / 'dark' / '02.png'
+    truncated.write_bytes(truncated.read_bytes()[:200])  # a valid header, pixels cut short
+    args = ['--data-dir', str(data), '--model', MODEL, '--img-size', '32', '-b', '8', '--epochs', '1', '--workers',
+            '0', '--lr', '0.01', '--quiet', '--device', 'cpu']
+    with pytest.raises(SystemExit, match=f'Cannot read training image {truncated}'):
+        main(args + ['--output', str(tmp_path / 'midrun')])
+    with pytest.raises(SystemExit, match=f'(?s)1 of the 32 .*{truncated}: unreadable'):
+        main(args + ['--output', str(tmp_path / 'decoded'), '--check-images', 'decode'])

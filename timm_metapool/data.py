@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose
 
-__all__ = ['dataset_targets', 'dataset_class_names', 'sample_ids', 'split_fingerprint', 'stratified_split', 'ConvertImageMode', 'stored_image_mode',
+__all__ = ['dataset_targets', 'dataset_class_names', 'sample_ids', 'split_fingerprint', 'BadImageError',
+           'sample_location', 'stratified_split', 'ConvertImageMode', 'stored_image_mode',
            'DatasetSplit', 'DEMO_CLASSES', 'generate_demo_dataset']
 
 
@@ -134,7 +135,8 @@ class DatasetSplit(torch.utils.data.Dataset):
     timm's `create_loader` assigns `loader.dataset.transform`; a `torch.utils.data.Subset` would swallow that
     assignment, leaving the images untransformed. Give each split its own underlying dataset object so the train
     and meta splits can carry different transforms. With `image_mode`, every image is converted to that mode before
-    the transform (`ConvertImageMode`), whatever dataset it comes from.
+    the transform (`ConvertImageMode`), whatever dataset it comes from. A file that cannot be read raises
+    `BadImageError` naming it: timm's `ImageDataset` would return the next file instead.
     """
 
     def __init__(self, dataset: Any, indices: Sequence[int], image_mode: Optional[str] = None):
@@ -142,6 +144,8 @@ class DatasetSplit(torch.utils.data.Dataset):
         self.indices = list(indices)
         self.image_mode = image_mode
         self._transform = getattr(dataset, 'transform', None)
+        if hasattr(dataset, '_max_retries'):
+            dataset._max_retries = 1  # timm's ImageDataset: raise at the bad file instead of reading the next one
 
     @property
     def transform(self):
@@ -155,10 +159,28 @@ class DatasetSplit(torch.utils.data.Dataset):
         self.dataset.transform = value
 
     def __getitem__(self, index: int):
-        return self.dataset[self.indices[index]]
+        sample = self.indices[index]
+        try:
+            return self.dataset[sample]
+        except (OSError, RuntimeError) as e:
+            raise BadImageError(f'Cannot read training image {sample_location(self.dataset, sample)} ({e}). Remove or '
+                                f'repair it, or start the search again with --check-images decode --skip-bad-images '
+                                f'to leave such files out.') from e
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class BadImageError(RuntimeError):
+    """A training image that cannot be read; the message names the file."""
+
+
+def sample_location(dataset: Any, index: int) -> str:
+    """The file of sample `index` when the dataset's reader knows it, else its index."""
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if samples is not None and index < len(samples) and isinstance(samples[index], (tuple, list)):
+        return str(samples[index][0])
+    return f'#{index}'
 
 
 DEMO_CLASSES: Tuple[str, ...] = (
