@@ -1,6 +1,8 @@
 """A search run never lies about itself: settings given again on resume, --overwrite, data changed under a resume,
 a full disk, damaged checkpoints, the rerun hint, and what a killed export leaves behind."""
+import contextlib
 import copy
+import json
 import os
 import shutil
 import signal
@@ -9,9 +11,11 @@ import sys
 import time
 import uuid
 
+import numpy as np
 import pytest
 import torch
 import timm
+from PIL import Image
 from timm.scheduler import CosineLRScheduler
 
 from timm_metapool.data import generate_demo_dataset
@@ -151,8 +155,6 @@ def test_an_interrupted_export_leaves_nothing_after_the_next_one(tmp_path):
 
 def _image_folder(root, per_class=16, size=32):
     """A small ImageFolder of PNGs (two classes of distinct brightness) to damage on purpose."""
-    from PIL import Image
-    import numpy as np
     rng = np.random.default_rng(0)
     for label, level in (('dark', 40), ('light', 200)):
         (root / 'train' / label).mkdir(parents=True)
@@ -163,7 +165,6 @@ def _image_folder(root, per_class=16, size=32):
 
 
 def test_bad_images_are_listed_before_the_search_or_left_out_and_counted(tmp_path):
-    from PIL import Image
     data = _image_folder(tmp_path / 'data')
     empty = data / 'train' / 'dark' / '00.png'
     empty.write_bytes(b'')
@@ -180,7 +181,7 @@ def test_bad_images_are_listed_before_the_search_or_left_out_and_counted(tmp_pat
     assert f'{empty}: empty file' in message and f'{garbage}: unreadable' in message and f'{bomb}: ' in message
     assert '--skip-bad-images' in message
     main(args + ['--output', str(tmp_path / 'skipped'), '--skip-bad-images'])
-    summary = __import__('json').loads((tmp_path / 'skipped' / 'genotype.json').read_text())
+    summary = json.loads((tmp_path / 'skipped' / 'genotype.json').read_text())
     assert summary['data']['bad_images_left_out'] == 3
     assert summary['data']['train_images'] + summary['data']['meta_images'] == 29
 
@@ -195,3 +196,28 @@ def test_an_image_that_fails_to_decode_mid_run_is_named_not_replaced(tmp_path):
         main(args + ['--output', str(tmp_path / 'midrun')])
     with pytest.raises(SystemExit, match=f'(?s)1 of the 32 .*{truncated}: unreadable'):
         main(args + ['--output', str(tmp_path / 'decoded'), '--check-images', 'decode'])
+
+
+def test_a_rank_that_stops_responding_ends_the_others_with_a_message(data_dir, tmp_path):
+    """Two gloo processes under torchrun; one is stopped (SIGSTOP) after the first checkpoint. The other must not
+    wait forever: after --dist-timeout it exits naming the cause and the checkpoint to resume from."""
+    out = tmp_path / 'ddp'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'train_hooks.search',
+         *search_args(data_dir, out, '--epochs', '50', '--rho', '0.9', '--dist-timeout', '5')],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not (out / 'last.pth').exists() and time.time() - start < 300 and process.poll() is None:
+        time.sleep(0.1)
+    workers = subprocess.run(['pgrep', '-P', str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, 'both ranks should be running after the first checkpoint'
+    os.kill(int(workers[-1]), signal.SIGSTOP)
+    try:
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert process.returncode != 0
+    assert 'another rank stopped responding for --dist-timeout 5 s' in stderr
+    assert f'resume from {out / "last.pth"}' in stderr
