@@ -29,7 +29,6 @@ from timm.layers.coord_attn import CoordAttn
 from timm.utils.model import reparameterize_model
 
 import timm_metapool  # noqa: F401  (registers the models)
-from timm_metapool.deploy import enable_deploy_rewrite
 from timm_metapool.mixed_op import MetaPooling
 from timm_metapool.ops import GlobalContextEnhancer, directional_means
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
@@ -118,7 +117,7 @@ def coord_attn_model(device: torch.device) -> nn.Module:
     """MobileNetV2 with timm's CoordAttn in the enhancer slots (the Global Context Enhancer's structure)."""
     model = create(METAPOOL, device, genotype='global')
     for block in model.enhancer_blocks():
-        block.se = CoordAttn(block.conv_pwl.in_channels).to(device)
+        block.meta_pool = CoordAttn(block.conv_pwl.in_channels).to(device)
     return model
 
 
@@ -143,7 +142,7 @@ def enhancer_part_model(part: str, device: torch.device) -> nn.Module:
     """The all-global model with every enhancer reduced to `part` (see `EnhancerPart`)."""
     model = create(METAPOOL, device, genotype='global')
     for block in model.enhancer_blocks():
-        block.se = EnhancerPart(block.se, part)
+        block.meta_pool = EnhancerPart(block.meta_pool, part)
     return model
 
 
@@ -238,7 +237,7 @@ def bench_inference(rows: Dict[str, Row], dev: str, device: torch.device, rounds
     """Targets 3 (batch-1 latency of the all-global model, as trained and with its BN folded by timm's
     `reparameterize_model`) and 4 (deploy rewrite of an all-avg3 model)."""
     x = torch.randn(1, 3, 224, 224, device=device)
-    avg3 = enable_deploy_rewrite(create(METAPOOL, device, genotype='avg3').eval())
+    avg3 = create(METAPOOL, device, genotype='avg3').eval()
     deployed = reparameterize_model(avg3)
     with torch.no_grad():
         err = rel_err(deployed(x), avg3(x))

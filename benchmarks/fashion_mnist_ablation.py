@@ -91,10 +91,11 @@ def run_search(cfg: Dict, data_root: str, out: str, early_stop: bool, device: st
 
 
 def with_timm_attention(model: torch.nn.Module, layer: str) -> torch.nn.Module:
-    """Put timm's SqueezeExcite or CoordAttn in every enhancer slot (the block's `se`), as the paper's baselines."""
+    """Put timm's SqueezeExcite or CoordAttn in every enhancer slot (the block's `meta_pool`), as the paper's
+    baselines."""
     for block in model.enhancer_blocks():
         channels = block.conv_dw.out_channels
-        block.se = SqueezeExcite(channels, rd_ratio=0.25) if layer == 'se' else CoordAttn(channels)
+        block.meta_pool = SqueezeExcite(channels, rd_ratio=0.25) if layer == 'se' else CoordAttn(channels)
     return model
 
 

@@ -18,7 +18,7 @@ import timm
 from timm.utils.model import reparameterize_model
 
 import timm_metapool  # noqa: F401  (registers the models)
-from timm_metapool.deploy import ProjectionAvgPool, enable_deploy_rewrite
+from timm_metapool.deploy import ProjectionAvgPool
 from timm_metapool.mixed_op import (
     MetaPooling, _BoxMixtureConv, _WeightedMaxChain, _dot, linear_pool_basis)
 from timm_metapool.ops import (_BOX_FILTER_MIN_NUMEL, OP_NAMES, GlobalContextEnhancer, apply_gates, create_op,
@@ -523,14 +523,13 @@ def test_reparameterize_model_is_exact(genotype):
                 m.bias.normal_()
                 m.running_mean.normal_(std=0.1)
                 m.running_var.uniform_(0.5, 2.)
-    enable_deploy_rewrite(model)
     deployed = reparameterize_model(model)
     num_avg = sum(name.startswith('avg') for name in model.genotype)
     num_fused = sum(isinstance(m, ProjectionAvgPool) for m in deployed.modules())
     assert num_avg > 0 and num_fused == num_avg
     assert deployed.genotype == model.genotype  # a moved pool still names its candidate
     # The state is unchanged but for the folded BN of each Global Context Enhancer.
-    assert list(deployed.state_dict()) == [k for k in model.state_dict() if '.se.bn.' not in k]
+    assert list(deployed.state_dict()) == [k for k in model.state_dict() if '.meta_pool.bn.' not in k]
     num_global = sum(name == 'global' for name in model.genotype)
     assert sum(isinstance(m, GlobalContextEnhancer) and isinstance(m.bn, torch.nn.Identity)
                for m in deployed.modules()) == num_global
@@ -544,7 +543,6 @@ def test_reparameterize_leaves_open_and_non_avg_slots():
     model = timm.create_model('mobilenetv2_metapool_035').eval()  # supernet: every slot open
     model.fix_slot(0, 'avg5')
     model.fix_slot(1, 'max3')
-    enable_deploy_rewrite(model)
     deployed = reparameterize_model(model)
     assert isinstance(deployed.enhancer_blocks()[0].conv_pwl, ProjectionAvgPool)
     assert not isinstance(deployed.enhancer_blocks()[1].conv_pwl, ProjectionAvgPool)

@@ -6,6 +6,7 @@ from timm.models._efficientnet_blocks import InvertedResidual
 
 import timm_metapool
 from timm_metapool import OP_NAMES, Genotype, MetaPooling
+from timm_metapool.integrity import GENOTYPE_STATE_KEY
 
 VARIANTS = ['035', '050', '075', '100', '110d', '120d', '140']
 
@@ -23,7 +24,9 @@ def test_all_skip_is_timm_mobilenetv2(variant):
     ours = timm.create_model(f'mobilenetv2_metapool_{variant}', genotype='skip')
     theirs = timm.create_model(f'mobilenetv2_{variant}')
     assert n_params(ours) == n_params(theirs)
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    # The same tensors; the model's state_dict also records its genotype (integrity.GENOTYPE_STATE_KEY).
+    ours_shapes = {k: v.shape for k, v in ours.state_dict().items() if k != GENOTYPE_STATE_KEY}
+    assert ours_shapes == {k: v.shape for k, v in theirs.state_dict().items()}
     n_ir = sum(isinstance(m, InvertedResidual) for m in theirs.modules())
     assert ours.num_slots == n_ir
 
@@ -47,8 +50,8 @@ def test_all_skip_computes_exactly_timm_mobilenetv2():
 def test_enhancer_sits_after_depthwise_conv_in_expanded_space():
     model = timm.create_model('mobilenetv2_metapool_100', genotype='global')
     for block in model.enhancer_blocks():
-        assert block.se.conv_h.out_channels == block.conv_dw.out_channels == block.conv_pwl.in_channels
-    assert not hasattr(model.blocks[0][0].se, 'conv_h')  # the first DepthwiseSeparable block stays plain
+        assert block.meta_pool.conv_h.out_channels == block.conv_dw.out_channels == block.conv_pwl.in_channels
+    assert not hasattr(model.blocks[0][0], 'meta_pool')  # the first DepthwiseSeparable block stays plain
 
 
 def test_supernet_parameter_groups():
@@ -57,7 +60,7 @@ def test_supernet_parameter_groups():
     weights = model.weight_parameters()
     assert len(arch) == model.num_slots and all(a.shape == (len(OP_NAMES),) for a in arch)
     names = [n for n, p in model.named_parameters() if any(p is a for a in arch)]
-    assert all(n.endswith('.se.arch_alpha') for n in names)
+    assert all(n.endswith('.meta_pool.arch_alpha') for n in names)
     assert {id(p) for p in arch}.isdisjoint({id(p) for p in weights})
     assert len(arch) + len(weights) == len(list(model.parameters()))
     assert model.genotype is None and model.open_slots() == list(range(model.num_slots))
@@ -142,7 +145,7 @@ def test_genotype_forms_and_errors_through_create_model(tmp_path):
 
 
 def test_se_layer_is_refused_not_ignored():
-    # timm's own mobilenetv2_100 silently drops se_layer (no se ratio in its arch strings); here the slot is taken.
+    # timm's own mobilenetv2_100 silently drops se_layer (no se ratio in its arch strings); here it is refused.
     timm.create_model('mobilenetv2_100', se_layer='se')
     with pytest.raises(ValueError, match="takes no se_layer.*'se'.*genotype=.*enhancer_blocks"):
         timm.create_model('mobilenetv2_metapool_035', se_layer='se')
@@ -150,7 +153,7 @@ def test_se_layer_is_refused_not_ignored():
 
 
 def test_pretrained_without_published_weights_is_a_clear_error():
-    with pytest.raises(RuntimeError, match='timm-metapool/mobilenetv2_metapool_100.pmpl_in1k.*genotype='):
+    with pytest.raises(RuntimeError, match='mobilenetv2_metapool_100 has no pretrained weights.*genotype='):
         timm.create_model('mobilenetv2_metapool_100', pretrained=True)
     with pytest.raises(RuntimeError, match='mobilenetv2_metapool_050 has no pretrained weights'):
         timm.create_model('mobilenetv2_metapool_050', pretrained=True)
@@ -292,7 +295,7 @@ def test_reparameterize_model_moves_avg_pools_out_of_the_box():
     x = torch.randn(2, 3, 64, 64)
     expected = model(x)
     deployed = reparameterize_model(model)
-    assert all(isinstance(b.se, torch.nn.Identity) for b in deployed.enhancer_blocks())
+    assert all(isinstance(b.meta_pool, torch.nn.Identity) for b in deployed.enhancer_blocks())
     torch.testing.assert_close(deployed(x), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -309,4 +312,4 @@ def test_loading_weights_of_the_other_kind_says_what_to_do():
         supernet.load_state_dict(timm_weights)
     timm.create_model('mobilenetv2_metapool_035', num_classes=4, genotype='skip').load_state_dict(timm_weights)
     missing, _ = supernet.load_state_dict(fixed.state_dict(), strict=False)  # non-strict loads are left alone
-    assert any('.se.ops.' in k for k in missing)
+    assert any('.meta_pool.ops.' in k for k in missing)

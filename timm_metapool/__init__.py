@@ -1,10 +1,17 @@
 """timm-metapool: learnable receptive fields for lightweight timm networks (Meta-Pooling and PMPL).
 
-Importing the package registers the `mobilenetv2_metapool_*` models with timm.
+Importing the package registers the Meta-Pooling models with timm (`timm.list_models('*metapool*')`);
+`add_meta_pooling(model, genotype=None)` adds the enhancer slots to any timm inverted-residual network.
 """
 from .genotype import Genotype, GENOTYPE_FORMAT_VERSION
 from .mixed_op import ARCH_PARAM_NAME, MetaPooling
-from .mobilenetv2_metapool import MetaPoolEfficientNet, MetaPoolEfficientNetFeatures, MetaPoolingMixin
+from .mobilenetv2_metapool import MetaPoolingMixin
+from .blocks import SLOT_ATTR, MetaPoolInvertedResidual, MetaPoolUniversalInvertedResidual
+from .hook import (
+    MetaPoolEfficientNet, MetaPoolEfficientNetFeatures, MetaPoolMobileNetV3, MetaPoolMobileNetV3Features,
+    add_meta_pooling,
+)
+from .families import METAPOOL_FAMILIES
 from .ops import OP_NAMES, GlobalContextEnhancer, create_op, op_name_of
 from .pretrained import PRETRAINED_TAGS
 

@@ -1,29 +1,27 @@
 """Deploy-time rewrite of fixed Meta-Pooling slots, through timm's `reparameterize_model` convention.
 
-A fixed `avgK` enhancer (paper Sec. 2.1, Local Context Enhancer) sits in the InvertedResidual's expanded space,
-between the depthwise conv and the 1x1 projection `conv_pwl`. Stride-1 average pooling with zero padding counted and
-a bias-free 1x1 conv are both linear and act on different axes (space vs. channels), so they commute exactly:
-conv_pwl(avg(x)) == avg(conv_pwl(x)). Pooling after the projection runs on its out_channels instead of the expanded
-mid channels, 3x to 6x fewer in MobileNetV2. The pool must stay before `bn3`: BN adds a bias, and pooling
-(bias + y) with zero padding differs from bias + pool(y) at the borders.
+A fixed `avgK` enhancer (paper Sec. 2.1, Local Context Enhancer) sits in the block's expanded space, between the
+depthwise conv and the 1x1 projection (`conv_pwl` of an InvertedResidual, `pw_proj.conv` of a
+UniversalInvertedResidual). Stride-1 average pooling with zero padding counted and a bias-free 1x1 conv are both
+linear and act on different axes (space vs. channels), so they commute exactly: proj(avg(x)) == avg(proj(x)).
+Pooling after the projection runs on its out_channels instead of the expanded mid channels, 3x to 6x fewer in
+MobileNetV2. The pool must stay before the projection's BN: BN adds a bias, and pooling (bias + y) with zero padding
+differs from bias + pool(y) at the borders. Nor may it cross the block's own squeeze-excite: the SE gate is computed
+from the map's spatial mean, which a zero-padded pool changes at the borders.
 
 `timm.utils.model.reparameterize_model` only looks at a module's children for a `fuse()` / `reparameterize()`
-method, and the enhancer alone cannot reach its block's projection, so the method lives on the block:
-`enable_deploy_rewrite(model)` gives every InvertedResidual of a model the `reparameterize()` of
-`MetaPoolInvertedResidual`.
+method, and the enhancer alone cannot reach its block's projection, so the method lives on the block (the Meta-Pooling
+blocks of `timm_metapool.blocks` call `move_pool_to_projection`).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from timm.models._efficientnet_blocks import InvertedResidual
-
 from .mixed_op import MetaPooling
 from .ops import op_name_of, pool_kernel_size, same_size_avg_pool
 
-__all__ = ['ProjectionAvgPool', 'PoolMovedToProjection', 'MetaPoolInvertedResidual', 'fuse_pool_into_projection',
-           'enable_deploy_rewrite']
+__all__ = ['ProjectionAvgPool', 'PoolMovedToProjection', 'move_pool_to_projection']
 
 
 class ProjectionAvgPool(nn.Conv2d):
@@ -86,33 +84,20 @@ def _is_plain_projection(conv: nn.Module) -> bool:
     )
 
 
-def fuse_pool_into_projection(block: InvertedResidual) -> bool:
-    """Move a fixed `avgK` enhancer of `block` behind its 1x1 projection, in place. Returns True if rewritten.
+def move_pool_to_projection(
+        slot: nn.Module,
+        projection: nn.Module,
+        between: nn.Module,
+) -> Optional[Tuple[PoolMovedToProjection, ProjectionAvgPool]]:
+    """The rewrite of one block: `slot` (a fixed `avgK` enhancer) moved behind `projection` (its block's 1x1 conv).
 
-    Other slots (skip, global, max pools, open MetaPooling) and non-plain projections are left as they are.
+    Returns the modules that replace `slot` and `projection`, or None where the rewrite is not exact: the slot is not
+    a fixed `avgK` (skip, global, max pools, open MetaPooling), the projection is not a plain 1x1 conv, or a module
+    other than `nn.Identity` runs in between (`between`, the block's squeeze-excite).
     """
-    op_name = _fixed_op_name(block.se)
-    if op_name is None or not op_name.startswith('avg') or not _is_plain_projection(block.conv_pwl):
-        return False
-    block.conv_pwl = ProjectionAvgPool.from_conv(block.conv_pwl, pool_size=pool_kernel_size(op_name))
-    block.se = PoolMovedToProjection(op_name)
-    return True
-
-
-class MetaPoolInvertedResidual(InvertedResidual):
-    """timm's InvertedResidual with a `reparameterize()` hook for `reparameterize_model` (no other change)."""
-
-    def reparameterize(self) -> None:
-        fuse_pool_into_projection(self)
-
-
-def enable_deploy_rewrite(model: nn.Module) -> nn.Module:
-    """Let `reparameterize_model(model)` apply `fuse_pool_into_projection` to every InvertedResidual; in place.
-
-    timm's builder instantiates `InvertedResidual` itself, so the blocks are retyped to the method-only subclass
-    (no new state: state_dict, forward and TorchScript are unchanged). Idempotent; returns `model`.
-    """
-    for module in model.modules():
-        if type(module) is InvertedResidual:
-            module.__class__ = MetaPoolInvertedResidual
-    return model
+    op_name = _fixed_op_name(slot)
+    if op_name is None or not op_name.startswith('avg') or not _is_plain_projection(projection):
+        return None
+    if type(between) is not nn.Identity:
+        return None
+    return PoolMovedToProjection(op_name), ProjectionAvgPool.from_conv(projection, pool_size=pool_kernel_size(op_name))

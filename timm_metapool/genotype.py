@@ -24,7 +24,7 @@ _ALLOWED_FORMS = (
 
 @dataclass(frozen=True)
 class Genotype:
-    """One op name per enhancer slot, in slot order (`blocks.i.j.se` order)."""
+    """One op name per enhancer slot, in slot order (the order of `model.enhancer_slots()`)."""
     ops: Tuple[str, ...]
 
     def __post_init__(self):

@@ -14,23 +14,32 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+import logging
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .blocks import SLOT_ATTR, slot_channels
 from .genotype import Genotype, GenotypeLike
+from .integrity import (
+    GENOTYPE_STATE_KEY, ChecksumMismatchError, GenotypeMismatchError, check_genotype_codes, check_weights_checksum,
+    codes_tensor, weights_checksum,
+)
 from .mixed_op import ARCH_PARAM_NAME
 from .pretrained import (
-    SAFETENSORS_GENOTYPE_KEY, GenotypeMismatchError, check_weights_genotype, read_safetensors_genotype,
+    SAFETENSORS_CHECKSUM_KEY, SAFETENSORS_GENOTYPE_KEY, check_weights_genotype, local_weights_file,
+    read_safetensors_metadata,
 )
 
 __all__ = [
-    'PAPER_CITATION', 'TrainedCheckpoint', 'GenotypeMismatchError', 'load_trained_checkpoint',
-    'enhancer_slot_names', 'fixed_state_dict', 'verify_state_dict', 'checkpoint_filter_fn',
+    'PAPER_CITATION', 'TrainedCheckpoint', 'GenotypeMismatchError', 'ChecksumMismatchError', 'load_trained_checkpoint',
+    'enhancer_slot_names', 'fixed_state_dict', 'verify_state_dict', 'warm_start_state_dict', 'checkpoint_filter_fn',
     'parse_checkpoint_genotype', 'build_model_for_weights', 'check_loads_as_built', 'read_metrics',
     'render_model_card', 'export_for_hub', 'check_repo_id', 'check_push_credentials', 'push_export',
 ]
+
+_logger = logging.getLogger(__name__)
 
 # Title and authors as printed on the paper; add the venue and year from the publisher's page when citing.
 PAPER_CITATION = """@misc{dong_metapooling,
@@ -88,8 +97,10 @@ def load_trained_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False
         raise FileNotFoundError(f'Checkpoint {path!r} does not exist.')
     if path.endswith('.safetensors'):
         import safetensors.torch
-        genotype = read_safetensors_genotype(path)
-        return TrainedCheckpoint(state_dict=safetensors.torch.load_file(path), path=path, genotype=genotype)
+        metadata = read_safetensors_metadata(path)
+        state_dict = safetensors.torch.load_file(path)
+        check_weights_checksum(state_dict, metadata.get(SAFETENSORS_CHECKSUM_KEY), path)
+        return TrainedCheckpoint(state_dict=state_dict, path=path, genotype=metadata.get(SAFETENSORS_GENOTYPE_KEY))
     data = _torch_load(path)
     if not isinstance(data, dict):
         raise ValueError(f'Checkpoint {path!r} holds a {type(data).__name__}, not a dict of tensors.')
@@ -99,6 +110,7 @@ def load_trained_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False
             raise ValueError(f"Checkpoint {path!r} has no 'state_dict' key and is not a plain state_dict "
                              f"(keys: {', '.join(list(map(str, data))[:8])}).")
         return TrainedCheckpoint(state_dict=clean_state_dict(data), path=path)
+    check_weights_checksum(data['state_dict'], data.get('weights_sha256'), path)  # the search's last.pth has one
     key = 'state_dict'
     if use_ema:
         if 'state_dict_ema' not in data:
@@ -125,32 +137,32 @@ def parse_checkpoint_genotype(value: Any, num_slots: int) -> Genotype:
 
 
 def enhancer_slot_names(model: nn.Module) -> List[str]:
-    """`blocks.i.j` of each enhancer slot's block, in slot order."""
-    slot_blocks = {id(b) for b in model.enhancer_blocks()}
-    return [f'blocks.{i}.{j}' for i, stage in enumerate(model.blocks) for j, b in enumerate(stage)
-            if id(b) in slot_blocks]
+    """Module path of each enhancer slot's block (`blocks.i.j`), in slot order."""
+    return model.enhancer_slot_names()
 
 
 def _slot_state(state_dict: Mapping[str, torch.Tensor], block_name: str) -> Dict[str, torch.Tensor]:
-    prefix = f'{block_name}.se.'
+    prefix = f'{block_name}.{SLOT_ATTR}.'
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def fixed_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map search-space (supernet) slot weights onto `model`'s fixed genotype.
 
-    An open MetaPooling slot stores every candidate (`se.ops.<op>.*`) and its logits (`se.arch_alpha`); a fixed
-    slot stores the chosen op's weights as `se.*`. The chosen op's weights are kept, the rest dropped: the same
+    An open MetaPooling slot stores every candidate (`meta_pool.ops.<op>.*`) and its logits (`meta_pool.arch_alpha`);
+    a fixed slot stores the chosen op's weights as `meta_pool.*`. The chosen op's weights are kept, the rest dropped: the same
     result as `model.fix_to_genotype()` on the supernet. Slots already in fixed form pass through unchanged.
     """
     out = dict(state_dict)
     for block_name, op_name in zip(enhancer_slot_names(model), model.genotype):
-        prefix = f'{block_name}.se.'
+        prefix = f'{block_name}.{SLOT_ATTR}.'
         chosen = f'{prefix}ops.{op_name}.'
         for key in [k for k in out if k.startswith(prefix + 'ops.') or k == prefix + ARCH_PARAM_NAME]:
             value = out.pop(key)
             if key.startswith(chosen):
                 out[prefix + key[len(chosen):]] = value
+    if GENOTYPE_STATE_KEY in out:
+        out[GENOTYPE_STATE_KEY] = codes_tensor(model.slot_codes())
     return out
 
 
@@ -173,6 +185,8 @@ def verify_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
     if genotype is None:
         raise ValueError('The model still has open search slots (genotype=None); build it with the genotype of '
                          'the weights.')
+    if GENOTYPE_STATE_KEY in state_dict:
+        check_genotype_codes(state_dict[GENOTYPE_STATE_KEY], model.slot_codes(), model.enhancer_slot_names())
     slots = model.enhancer_slots()
     for index, (block_name, op_name, slot) in enumerate(zip(enhancer_slot_names(model), genotype, slots)):
         have = _slot_state(state_dict, block_name)
@@ -211,20 +225,59 @@ def check_classifier_size(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
                      f'give the model yours and the overlay num_classes={trained}; timm then drops the head.')
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm `pretrained_filter_fn`: refuse pretrained weights made for another genotype, before loading them.
+def warm_start_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Weights without a genotype (timm's own base-model weights) completed for `model`: every enhancer slot they
+    have no weights for keeps `model`'s freshly initialised ones, and the genotype entry becomes the model's, so a
+    strict load then fills the shared layers exactly. Logs which slots start fresh."""
+    own = model.state_dict()
+    out = dict(state_dict)
+    fresh = []
+    for index, slot in enumerate(model.enhancer_slots()):
+        prefix = _slot_prefix(model, slot)
+        slot_keys = [k for k in own if k.startswith(prefix)]
+        if slot_keys and not any(k.startswith(prefix) for k in state_dict):
+            out.update({k: own[k] for k in slot_keys})
+            fresh.append(index)
+    out[GENOTYPE_STATE_KEY] = own[GENOTYPE_STATE_KEY]
+    if fresh:
+        _logger.info(f'Warm start from weights without a genotype: enhancer slots {fresh} start fresh, every other '
+                     f'layer is loaded.')
+    return out
 
-    Checks the genotype in the weights file's metadata (when the file is on disk, as after a Hub download) and
-    every enhancer slot's keys and shapes, and that timm can load or drop the classifier (`check_classifier_size`);
-    returns the state_dict unchanged.
-    """
+
+def _slot_prefix(model: nn.Module, slot: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is slot) + '.'
+
+
+def check_file_checksum(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """`ChecksumMismatchError` when the pretrained weights file on disk (an export: `local-dir:`, `hf-hub:`, an
+    overlay `file`) records a checksum that `state_dict`, read from it, does not match."""
     from timm.models._builder import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(model.pretrained_cfg.get('architecture'), pretrained_cfg=dict(model.pretrained_cfg))
+    weights_file = local_weights_file(cfg)
+    if weights_file and weights_file.endswith('.safetensors'):
+        check_weights_checksum(state_dict, read_safetensors_metadata(weights_file).get(SAFETENSORS_CHECKSUM_KEY),
+                               weights_file)
     if model.genotype is not None:
         # Checked again here: a Hub download lands on disk only after the builder's own check ran.
         check_weights_genotype(cfg, model.genotype, enhancer_slot_names(model))
-    verify_state_dict(state_dict, model)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm `pretrained_filter_fn`: check pretrained weights before loading them.
+
+    Refuses a corrupted export (its checksum) and weights made for another genotype (the genotype they carry, their
+    file's metadata, each slot's keys and shapes), checks that timm can load or drop the classifier
+    (`check_classifier_size`), and completes weights without a genotype (timm's base model) as a warm start.
+    """
+    check_file_checksum(state_dict, model)
+    if GENOTYPE_STATE_KEY not in state_dict:
+        state_dict = warm_start_state_dict(state_dict, model)
+    if model.genotype is not None:
+        verify_state_dict(state_dict, model)
+    else:
+        check_genotype_codes(state_dict[GENOTYPE_STATE_KEY], model.slot_codes(), model.enhancer_slot_names())
     check_classifier_size(state_dict, model)
     return state_dict
 
@@ -291,7 +344,7 @@ def _genotype_table(model: nn.Module) -> str:
     rows = ['| slot | block | channels | enhancer |', '|---:|---|---:|---|']
     for index, (name, block, op_name) in enumerate(zip(enhancer_slot_names(model), model.enhancer_blocks(),
                                                        model.genotype)):
-        rows.append(f'| {index} | `{name}` | {block.conv_dw.out_channels} | `{op_name}` |')
+        rows.append(f'| {index} | `{name}` | {slot_channels(block)} | `{op_name}` |')
     return '\n'.join(rows)
 
 
@@ -382,8 +435,10 @@ def _write_safetensors_with_genotype(model: nn.Module, path: Path, model_name: s
     import safetensors.torch
 
     # timm's save_for_hf writes the same tensors without header metadata; rewrite them with the genotype attached.
-    metadata = {'format': 'pt', SAFETENSORS_GENOTYPE_KEY: model.genotype.to_string(), 'architecture': model_name}
-    safetensors.torch.save_file(model.state_dict(), str(path), metadata=metadata)
+    state_dict = model.state_dict()
+    metadata = {'format': 'pt', SAFETENSORS_GENOTYPE_KEY: model.genotype.to_string(), 'architecture': model_name,
+                SAFETENSORS_CHECKSUM_KEY: weights_checksum(state_dict)}
+    safetensors.torch.save_file(state_dict, str(path), metadata=metadata)
 
 
 def verify_export(model: nn.Module, folder: Union[str, os.PathLike], size: int = 64) -> None:
@@ -446,6 +501,13 @@ def _with_contiguous_weights(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
 
 
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Delete the hidden staging folders an interrupted export to `out_dir` left beside it (a killed publish)."""
+    for stale in out_dir.parent.glob(f'.{out_dir.name}.*'):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def export_for_hub(
         model: nn.Module,
         out_dir: Union[str, os.PathLike],
@@ -477,6 +539,7 @@ def export_for_hub(
     model_name = model_name or model.pretrained_cfg['architecture']
     check_loads_as_built(model, model_name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     was_training = model.training  # exported and checked in eval mode; a model mid-training goes back to training
     try:

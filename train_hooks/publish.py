@@ -47,7 +47,7 @@ def _check_model_name(model_name: str, checkpoint_arch: Optional[str]) -> None:
     import timm
     from timm.models import split_model_name_tag
 
-    known = timm.list_models('mobilenetv2_metapool_*')
+    known = timm.list_models('*metapool*')
     if model_name not in known:
         raise ValueError(f"Unknown architecture {model_name!r}: publish exports Meta-Pooling models, one of "
                          f"{', '.join(known)}.")

@@ -31,6 +31,7 @@ from timm.scheduler import CosineLRScheduler
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.data import (
     DatasetSplit, dataset_class_names, dataset_targets, generate_demo_dataset, stored_image_mode, stratified_split)
+from timm_metapool.base_weights import load_base_weights
 from timm_metapool.integrity import check_weights_checksum, weights_checksum
 from timm_metapool.ops import OP_NAMES
 from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument('--no-aug', action='store_true')
     search = parser.add_argument_group('PMPL (defaults: paper Sec. 3.1)')
     search.add_argument('--model', default='mobilenetv2_metapool_100')
+    search.add_argument('--init-weights', default=None, metavar='PATH_OR_TIMM_TAG',
+                        help='start the shared layers from the base timm model\'s weights: a .pth or .safetensors '
+                             'state_dict, or a timm pretrained tag (e.g. mobilenetv2_100.ra_in1k); a classifier of '
+                             'another class count starts fresh')
     search.add_argument('--epochs', type=int, default=30, help='at most this many epochs; ends once all are fixed')
     search.add_argument('--batch-size', '-b', type=int, default=128,
                         help='global batch: under torchrun each process takes an equal share')
@@ -200,9 +205,9 @@ def check_args(args: argparse.Namespace) -> None:
         if device_type not in ('cpu', 'cuda'):
             raise SystemExit(f"error: --device {args.device!r} is not a device the search runs on; use 'cpu', 'cuda' "
                              f"or 'cuda:N'.")
-    if args.model not in timm.list_models('mobilenetv2_metapool*'):
+    if args.model not in timm.list_models('*metapool*'):
         raise SystemExit(f"error: --model {args.model!r} is not a Meta-Pooling model; choose one of "
-                         f"{', '.join(timm.list_models('mobilenetv2_metapool*'))}.")
+                         f"{', '.join(timm.list_models('*metapool*'))}.")
     if args.resume:
         args.output = args.output or os.path.dirname(os.path.abspath(args.resume))
     if not args.output:
@@ -645,6 +650,13 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     seed_everything(args.seed)
     model = timm.create_model(args.model, num_classes=num_classes, in_chans=input_channels(args),
                               drop_path_rate=args.drop_path)
+    if args.init_weights and resume_state is None:  # a resumed search restores its own weights
+        try:
+            fresh = load_base_weights(model, args.init_weights)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'error: --init-weights: {e}')
+        log(f'Shared layers loaded from {args.init_weights}; {len(fresh)} tensors keep their initialisation (the '
+            f'enhancer slots\' own, and a classifier of another class count).')
     data_config = resolve_data_config(vars(args), model=model)
     model.to(dist_env.device)
     if args.channels_last:
