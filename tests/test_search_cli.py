@@ -237,7 +237,7 @@ def test_existing_output_is_never_overwritten(data_dir, tmp_path):
     out = tmp_path / 'taken'
     out.mkdir()
     (out / 'notes.txt').write_text('mine')
-    with pytest.raises(SystemExit, match='exists and is not empty.*--resume.*--overwrite'):
+    with pytest.raises(SystemExit, match='exists and is not empty.*no checkpoint is in it.*--overwrite'):
         main(search_args(data_dir, out))
     assert os.listdir(out) == ['notes.txt'] and (out / 'notes.txt').read_text() == 'mine'
     with pytest.raises(SystemExit, match='is a file, not a directory'):
