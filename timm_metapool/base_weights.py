@@ -11,7 +11,7 @@ from torch import nn
 
 from .blocks import SLOT_ATTR
 from .hub import load_trained_checkpoint
-from .integrity import GENOTYPE_STATE_KEY
+from .integrity import GENOTYPE_STATE_KEY, describe_key_mismatch
 
 __all__ = ['read_base_weights', 'load_base_weights']
 
@@ -52,8 +52,7 @@ def load_base_weights(model: nn.Module, source: str) -> List[str]:
     unexpected = [k for k in state if k not in own]
     resized = [k for k in shared if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or resized:
-        detail = '; '.join(f'{what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}' for what, keys in
-                           (('missing', missing), ('unexpected', unexpected), ('other shapes', resized)) if keys)
+        detail = describe_key_mismatch(missing, unexpected, resized)
         raise ValueError(f'{source!r} does not fit the base model of this Meta-Pooling model ({detail}): give the '
                          f'weights of the timm model it was built from, with the same width and input channels.')
     model.load_state_dict(state, strict=False)

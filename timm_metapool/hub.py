@@ -24,7 +24,7 @@ from .blocks import SLOT_ATTR, slot_channels
 from .genotype import Genotype, GenotypeLike
 from .integrity import (
     GENOTYPE_STATE_KEY, ChecksumMismatchError, GenotypeMismatchError, check_genotype_codes, check_weights_checksum,
-    codes_tensor, weights_checksum,
+    codes_tensor, describe_key_mismatch, weights_checksum,
 )
 from .mixed_op import ARCH_PARAM_NAME
 from .pretrained import (
@@ -332,8 +332,7 @@ def check_loads_as_built(model: nn.Module, model_name: str) -> None:
     unexpected = [k for k in state if k not in built]
     reshaped = [k for k in built if k in state and built[k].shape != state[k].shape]
     if missing or unexpected or reshaped:
-        detail = '; '.join(f'{what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}' for what, keys in
-                           (('missing', missing), ('unexpected', unexpected), ('other shapes', reshaped)) if keys)
+        detail = describe_key_mismatch(missing, unexpected, reshaped)
         raise ValueError(f'The model\'s weights would not load into {model_name} built from its genotype ({detail}): '
                          f'export the model as timm.create_model builds it, not a features_only model, nor one '
                          f'rewritten by timm\'s reparameterize_model (its Global Context Enhancers\' BN is folded '

@@ -18,7 +18,7 @@ from .ops import OP_NAMES, op_name_of
 __all__ = [
     'GENOTYPE_STATE_KEY', 'SEARCH_SLOT', 'OTHER_SLOT', 'GenotypeMismatchError', 'ChecksumMismatchError',
     'slot_code', 'genotype_codes', 'codes_tensor', 'describe_code', 'first_slot_difference', 'check_genotype_codes',
-    'state_dict_codes', 'codes_to_op_names', 'weights_checksum', 'check_weights_checksum',
+    'state_dict_codes', 'codes_to_op_names', 'describe_key_mismatch', 'weights_checksum', 'check_weights_checksum',
 ]
 
 GENOTYPE_STATE_KEY = 'metapool_genotype'
@@ -102,6 +102,12 @@ def check_genotype_codes(
     if difference:
         raise GenotypeMismatchError(f'These weights were made for another Meta-Pooling genotype: {difference}. '
                                     f'{_fix_hint(stored_codes, own)}')
+
+
+def describe_key_mismatch(missing: Sequence[str], unexpected: Sequence[str], reshaped: Sequence[str]) -> str:
+    """'missing: a, b, c, ...; unexpected: ...' for the kinds of key mismatch present (three keys of each)."""
+    return '; '.join(f'{what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}' for what, keys in
+                     (('missing', missing), ('unexpected', unexpected), ('other shapes', reshaped)) if keys)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
