@@ -19,6 +19,7 @@ from PIL import Image
 
 from timm_metapool import Genotype
 from timm_metapool.data import DEMO_CLASSES, DatasetSplit, generate_demo_dataset
+from timm_metapool.decision import PAPER_ARCH_LR, auto_arch_lr
 from train_hooks.search import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def test_end_to_end_search_writes_every_output(data_dir, tmp_path):
     assert len(summary['probabilities']) == 16 and all(len(p) == 8 for p in summary['probabilities'])
     for ops_pi, op, forced in zip(summary['probabilities'], genotype, summary['forced']):
         assert summary['op_names'][max(range(8), key=ops_pi.__getitem__)] == op  # every slot took its argmax
-    assert summary['data']['train_images'] == summary['data']['meta_images'] == 64  # half of each class to meta
+    assert summary['data']['train_images'] == summary['data']['meta_images'] == 8 * len(DEMO_CLASSES)  # half to meta
     assert summary['args']['meta_fraction'] == 0.5 and summary['seed'] == 0
 
     rows = list(csv.DictReader((out / 'search_log.csv').open()))
@@ -56,7 +57,8 @@ def test_end_to_end_search_writes_every_output(data_dir, tmp_path):
 
     checkpoint = torch.load(out / 'last.pth', weights_only=False)
     assert checkpoint['genotype'] == genotype.to_string()
-    fixed = timm.create_model('mobilenetv2_metapool_035', genotype=str(out / 'genotype.json'), num_classes=8)
+    fixed = timm.create_model('mobilenetv2_metapool_035', genotype=str(out / 'genotype.json'),
+                              num_classes=len(DEMO_CLASSES))
     fixed.load_state_dict(checkpoint['state_dict'])  # the searched weights fit the fixed architecture
 
 
@@ -79,9 +81,10 @@ def _wait_for_checkpoint(path, process, timeout=300):
 
 def test_max_images_takes_a_stratified_sample(data_dir, tmp_path):
     out = tmp_path / 'subset'
-    main(search_args(data_dir, out, '--max-images', '64', '-b', '8', '--epochs', '1'))
+    main(search_args(data_dir, out, '--max-images', str(8 * len(DEMO_CLASSES)), '-b', '8', '--epochs', '1'))
     data = json.loads((out / 'genotype.json').read_text())['data']
-    assert data['train_images'] + data['meta_images'] == 64 and data['train_images'] == 32  # 8 per class, halved
+    assert data['train_images'] + data['meta_images'] == 8 * len(DEMO_CLASSES)  # 8 per class
+    assert data['train_images'] == 4 * len(DEMO_CLASSES)  # halved
 
 
 def test_resume_after_kill_gives_the_same_search(data_dir, tmp_path):
@@ -222,7 +225,7 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_no_output(tmp_path):
     with pytest.raises(SystemExit, match='fewer than one global batch of 100000'):
         main(['--output', str(tmp_path / 'demo')] + args)
     assert not (tmp_path / 'demo').exists()
-    with pytest.raises(SystemExit, match='--num-classes 3 is fewer than the 8 classes'):
+    with pytest.raises(SystemExit, match=f'--num-classes 3 is fewer than the {len(DEMO_CLASSES)} classes'):
         main(['--output', str(tmp_path / 'demo'), '--num-classes', '3'] + args[:-2])
     assert not (tmp_path / 'demo').exists()
     mine = tmp_path / 'mine'
@@ -349,7 +352,7 @@ def test_resume_keeps_what_makes_the_model_and_the_split(data_dir, tmp_path):
     assert {name: (out / name).read_bytes() for name in before} == before
     # The same settings given again, spelled as the run resolved them, are no change.
     seed = json.loads((out / 'genotype.json').read_text())['args']['seed']
-    main(resume + ['--num-classes', '8', '--in-chans', '3', '--input-size', '3', '32', '32', '--dataset', 'folder',
+    main(resume + ['--num-classes', str(len(DEMO_CLASSES)), '--in-chans', '3', '--input-size', '3', '32', '32', '--dataset', 'folder',
                    '--data-dir', data_dir, '--seed', str(seed)])
 
 
@@ -392,3 +395,28 @@ def test_max_images_sample_of_an_imbalanced_dataset_names_the_count_it_needs(tmp
         main(search_args(str(root), tmp_path / 'out', '--max-images', '6', '-b', '2'))
     main(search_args(str(root), tmp_path / 'out', '--max-images', '12', '-b', '4', '--img-size', '64',
                      '--epochs', '1'))
+
+
+def test_arch_lr_auto_is_scaled_to_the_planned_steps_and_logged(data_dir, tmp_path, capsys):
+    out = tmp_path / 'auto'
+    args = [a for a in search_args(data_dir, out) if a not in ('--arch-lr', '0.05')]
+    main(args)
+    summary = json.loads((out / 'genotype.json').read_text())
+    steps = 3 * 3  # 3 epochs of 3 batches of 16 (8 train images per class)
+    assert summary['args']['arch_lr'] == 'auto' and summary['arch_lr_used'] == auto_arch_lr(steps, 8, 0.2)
+    assert f"alpha lr (eta) {auto_arch_lr(steps, 8, 0.2):.4g} (--arch-lr auto: {steps} planned steps" in \
+        capsys.readouterr().out
+    main(search_args(data_dir, tmp_path / 'paper', '--arch-lr', str(PAPER_ARCH_LR)))  # the paper's value, explicitly
+    assert json.loads((tmp_path / 'paper' / 'genotype.json').read_text())['arch_lr_used'] == PAPER_ARCH_LR
+
+
+def test_a_search_that_cannot_decide_says_so_before_and_after(data_dir, tmp_path, capsys):
+    out = tmp_path / 'short'
+    main(search_args(data_dir, out, '--arch-lr', '3e-4', '--epochs', '2'))
+    printed = capsys.readouterr().out
+    before, after = printed.split('epoch 1/2')
+    assert "warning: alpha cannot reach Eq. 4's margin" in before and '--arch-lr to at least' in before
+    summary = json.loads((out / 'genotype.json').read_text())
+    assert summary['decided'] is False and all(summary['forced'])
+    assert summary['undecided_slots'] == list(range(16)) and 'near-uniform' in summary['undecided_reasons'][0]
+    assert '(UNDECIDED)' in after and '0 of 16 slots fixed by Eq. 4' in after

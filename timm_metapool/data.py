@@ -15,7 +15,7 @@ from torchvision.transforms import Compose
 
 __all__ = ['dataset_targets', 'dataset_class_names', 'sample_ids', 'split_fingerprint', 'BadImageError',
            'sample_location', 'stratified_split', 'ConvertImageMode', 'stored_image_mode',
-           'DatasetSplit', 'DEMO_CLASSES', 'generate_demo_dataset']
+           'DatasetSplit', 'DEMO_CLASSES', 'DEMO_SQUARE_SIDES', 'generate_demo_dataset']
 
 
 def dataset_targets(dataset: Any) -> List[int]:
@@ -183,46 +183,30 @@ def sample_location(dataset: Any, index: int) -> str:
     return f'#{index}'
 
 
-DEMO_CLASSES: Tuple[str, ...] = (
-    'horizontal_stripes', 'vertical_stripes', 'diagonal_stripes', 'checkerboard', 'disk', 'ring', 'cross', 'corners',
-)
+DEMO_SQUARE_SIDES: Tuple[int, ...] = (4, 7, 10, 14, 19, 25)
+DEMO_CLASSES: Tuple[str, ...] = tuple(f'square_{side:02d}px' for side in DEMO_SQUARE_SIDES)
 
 
 def _demo_pattern(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One grayscale pattern in [0, 1]. Periods, phases, positions and radii vary per image."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    period = rng.uniform(4.0, 9.0)
-    phase = rng.uniform(0, 2 * np.pi)
-    cy, cx = rng.uniform(0.3 * size, 0.7 * size, size=2)
-    radius = rng.uniform(0.15 * size, 0.3 * size)
-    if name == 'horizontal_stripes':
-        return 0.5 + 0.5 * np.sin(2 * np.pi * yy / period + phase)
-    if name == 'vertical_stripes':
-        return 0.5 + 0.5 * np.sin(2 * np.pi * xx / period + phase)
-    if name == 'diagonal_stripes':
-        return 0.5 + 0.5 * np.sin(2 * np.pi * (xx + yy) / (1.4 * period) + phase)
-    if name == 'checkerboard':
-        return ((np.floor(xx / (period / 2)) + np.floor(yy / (period / 2))) % 2).astype(np.float32)
-    dist = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-    if name == 'disk':
-        return (dist < radius).astype(np.float32)
-    if name == 'ring':
-        return (np.abs(dist - radius) < max(1.5, radius * 0.25)).astype(np.float32)
-    if name == 'cross':
-        width = max(1.5, size * rng.uniform(0.05, 0.1))
-        return ((np.abs(yy - cy) < width) | (np.abs(xx - cx) < width)).astype(np.float32)
-    if name == 'corners':
-        quadrant = (yy < cy) ^ (xx < cx)
-        return quadrant.astype(np.float32)
-    raise ValueError(f'Unknown demo class {name!r}; classes are {DEMO_CLASSES}.')
+    """One filled square whose side (in a 32 px frame, scaled to `size`) is the class; placed anywhere at least 2 px
+    from the border. Returns a mask in {0, 1}."""
+    if name not in DEMO_CLASSES:
+        raise ValueError(f'Unknown demo class {name!r}; classes are {DEMO_CLASSES}.')
+    side = DEMO_SQUARE_SIDES[DEMO_CLASSES.index(name)] * size / 32
+    margin = 2 * size / 32
+    top, left = rng.uniform(margin, size - margin - side, size=2)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    return ((yy >= top) & (yy < top + side) & (xx >= left) & (xx < left + side)).astype(np.float32)
 
 
 def _demo_image(name: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """A bright square on a dark ground, both grey levels drawn per image (so that the image's mean brightness does
+    not give the side away), with sensor noise."""
     pattern = _demo_pattern(name, size, rng)
-    fg, bg = rng.uniform(0, 1, size=(2, 3))
-    image = pattern[..., None] * fg + (1 - pattern[..., None]) * bg
-    image = image + rng.normal(0, 0.08, size=image.shape)  # sensor noise, so pixels alone do not give the class
-    return Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8), mode='RGB')
+    fg, bg = rng.uniform(0.6, 1.0), rng.uniform(0.0, 0.4)
+    image = pattern * fg + (1 - pattern) * bg + rng.normal(0, 0.08, size=pattern.shape)
+    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), mode='RGB')
 
 
 def generate_demo_dataset(
@@ -233,10 +217,12 @@ def generate_demo_dataset(
 ) -> str:
     """Write the embedded procedural dataset as an ImageFolder: `root/<split>/<class>/<index>.png`.
 
-    Eight texture and shape classes (`DEMO_CLASSES`) whose labels depend on spatial context, seeded, no downloads.
-    Default sizes: 60 train and 20 validation images per class. Refuses to write into a non-empty directory.
+    Six scale classes (`DEMO_CLASSES`): one square per image whose side (4 to 25 px at 32 px) is the class. Inside
+    a square, along its edges and at its corners, a 3x3 window sees the same in every class; only context as wide
+    as the square tells the sides apart. Seeded, no downloads. Default sizes: 250 train and 50 validation images per
+    class. Refuses to write into a non-empty directory.
     """
-    images_per_class = images_per_class or {'train': 60, 'validation': 20}
+    images_per_class = images_per_class or {'train': 250, 'validation': 50}
     if os.path.isdir(root) and os.listdir(root):
         raise FileExistsError(f'Demo dataset directory {root!r} exists and is not empty; choose another path.')
     rng = np.random.default_rng(seed)

@@ -34,6 +34,7 @@ from timm_metapool.data import (
 from timm_metapool.base_weights import load_base_weights
 from timm_metapool.integrity import check_weights_checksum, weights_checksum
 from timm_metapool.ops import OP_NAMES
+from timm_metapool.decision import PAPER_ARCH_LR, auto_arch_lr, budget_shortfall, search_verdict
 from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch
 
 from .search_plot import plot_search
@@ -97,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument('--lr', type=float, default=0.05, help='zeta: SGD lr (cosine) and virtual-step size')
     search.add_argument('--momentum', type=float, default=0.9)
     search.add_argument('--weight-decay', type=float, default=4e-5)
-    search.add_argument('--arch-lr', type=float, default=3e-4, help='eta: Adam lr of alpha')
+    search.add_argument('--arch-lr', type=_arch_lr_arg, default='auto',
+                        help=f"eta: Adam lr of alpha; 'auto': the paper's {PAPER_ARCH_LR:g}, raised when the planned "
+                             f"steps are too few for it to reach Eq. 4's margin (timm_metapool.decision)")
     search.add_argument('--arch-weight-decay', type=float, default=1e-3)
     search.add_argument('--rho', type=float, default=0.2, help='Eq. 4 early-stopping margin')
     search.add_argument('--first-order', action='store_true', help='DARTS first-order: no virtual step')
@@ -117,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--quiet', action='store_true', help='no progress bar; one line per epoch (for log files)')
     run.add_argument('--history-interval', type=int, default=10, help='record softmax(alpha) every N steps')
     return parser
+
+
+def _arch_lr_arg(value: str):
+    """--arch-lr: 'auto' or a number (range-checked with the other settings by `pmpl_config`)."""
+    if value == 'auto':
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
 
 
 def _out_of_range(flag: str, rule: str, value) -> SystemExit:
@@ -252,15 +265,37 @@ def check_folder_layout(args: argparse.Namespace) -> None:
                          f'would be read as one more class. Choose an --output outside it.')
 
 
-def pmpl_config(args: argparse.Namespace) -> PMPLConfig:
-    """Algorithm 1's settings from the command line; one out of range stops the run naming its flag."""
+def pmpl_config(args: argparse.Namespace, arch_lr: Optional[float] = None) -> PMPLConfig:
+    """Algorithm 1's settings from the command line; one out of range stops the run naming its flag.
+
+    `arch_lr` is the value `--arch-lr auto` resolved to (`resolve_arch_lr`); before the data is read, 'auto' is
+    checked as the paper's value.
+    """
+    if arch_lr is None:
+        arch_lr = PAPER_ARCH_LR if args.arch_lr == 'auto' else args.arch_lr
     try:
         return PMPLConfig(
-            lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, arch_lr=args.arch_lr,
+            lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, arch_lr=arch_lr,
             arch_weight_decay=args.arch_weight_decay, rho=args.rho, first_order=args.first_order,
             early_stop=not args.no_early_stop)
     except InvalidSetting as e:
         raise _out_of_range('--' + e.name.replace('_', '-'), e.rule, e.value) from None
+
+
+def candidate_count(model) -> int:
+    """The most candidates any open slot mixes (Eq. 4's margin is hardest to reach there)."""
+    return max((len(p) for p in model.slot_probabilities() if p is not None), default=len(OP_NAMES))
+
+
+def resolve_arch_lr(args: argparse.Namespace, model, planned_steps: int) -> Tuple[float, str]:
+    """alpha's Adam lr for this run and a line saying where it comes from (`decision.auto_arch_lr` for 'auto')."""
+    if args.arch_lr != 'auto':
+        return args.arch_lr, f'alpha lr (eta) {args.arch_lr:g} (--arch-lr)'
+    arch_lr = auto_arch_lr(planned_steps, candidate_count(model), args.rho)
+    if arch_lr == PAPER_ARCH_LR:
+        return arch_lr, f"alpha lr (eta) {arch_lr:g} (--arch-lr auto: the paper's, enough for {planned_steps} steps)"
+    return arch_lr, (f"alpha lr (eta) {arch_lr:.4g} (--arch-lr auto: {planned_steps} planned steps are too few for the "
+                     f"paper's {PAPER_ARCH_LR:g} to reach Eq. 4's margin; --arch-lr {PAPER_ARCH_LR:g} to use it)")
 
 
 def seed_everything(seed: int) -> None:
@@ -663,14 +698,15 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         model.to(memory_format=torch.channels_last)
     train_loader, meta_loader = make_loaders(args, train_set, meta_set, data_config, dist_env)
 
-    config = pmpl_config(args)
+    steps_per_epoch = len(train_loader)
+    arch_lr, arch_lr_note = resolve_arch_lr(args, model, args.epochs * steps_per_epoch)
+    config = pmpl_config(args, arch_lr)
     amp_dtype = getattr(torch, args.amp_dtype)
     autocast = (lambda: torch.autocast(dist_env.device.type, dtype=amp_dtype)) if args.amp else contextlib.nullcontext
     scaler = torch.amp.GradScaler(dist_env.device.type) if args.amp and amp_dtype == torch.float16 else None
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
     search = PMPLSearch(model, config, loss_fn=loss_fn, wrap=dist_env.wrap, autocast=autocast, grad_scaler=scaler)
 
-    steps_per_epoch = len(train_loader)
     start_epoch, global_step, log_rows, history, elapsed = 0, 0, [], [], 0.0
     if resume_state is not None:
         state = resume_state
@@ -689,6 +725,11 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     log(f'PMPL search: {args.model}, {model.num_slots} slots, {len(train_set)} train / {len(meta_set)} meta images, '
         f'{num_classes} classes, input {data_config["input_size"]}, {dist_env.world_size} process(es) on '
         f'{dist_env.device}')
+    log(arch_lr_note)
+    shortfall = None if args.no_early_stop else budget_shortfall(
+        arch_lr, args.epochs * steps_per_epoch, candidate_count(model), args.rho, epochs=args.epochs)
+    if shortfall:
+        log(f'warning: {shortfall}')
     note = unconverted_by_train_py(args, stored_mode, data_config['input_size'])
     if note:
         log(note)
@@ -754,7 +795,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     if forced and dist_env.is_main:
         save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes)
     return finish(args, dist_env, search, model, num_classes, data_config, epoch, global_step, steps_per_epoch,
-                  history, elapsed, train_set, meta_set, note)
+                  history, elapsed, train_set, meta_set, note, last_top1=final_top1(log_rows))
 
 
 def save_checkpoint(args, search: PMPLSearch, model, epoch: int, global_step: int, log_rows, history, elapsed: float,
@@ -810,8 +851,27 @@ def check_ranks_agree(model, dist_env: Distributed, epoch: int) -> None:
                            f'{[o[0] for o in everyone]}. Stopping; the last checkpoint is from before this epoch.')
 
 
+def final_top1(log_rows: List[Dict]) -> Optional[float]:
+    """The last epoch's meta-split top-1 (%), or its train top-1 when no meta batch ran (every slot already fixed)."""
+    if not log_rows:
+        return None
+    row = log_rows[-1]
+    return row['train_top1'] if math.isnan(row['meta_loss']) else row['meta_top1']
+
+
+def verdict_lines(verdict, events, rho: float) -> List[str]:
+    """What the summary says about the genotype: how each slot was decided, and whether it is a decision at all."""
+    by_eq4 = sum(not e.forced for e in events)
+    lines = [f'{by_eq4} of {len(events)} slots fixed by Eq. 4 (rho {rho:g}), {len(events) - by_eq4} forced to their '
+             f'argmax at the end']
+    if not verdict.decided:
+        lines.append('UNDECIDED: the genotype is not a decision of the search: ' + '; '.join(verdict.reasons) +
+                     '. Raise --epochs (more steps), --arch-lr or --lr, or check the data, and search again.')
+    return lines
+
+
 def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, global_step, steps_per_epoch,
-           history, elapsed, train_set, meta_set, note: str = '') -> Dict:
+           history, elapsed, train_set, meta_set, note: str = '', last_top1: Optional[float] = None) -> Dict:
     genotype = model.genotype
     events = sorted(search.fix_events, key=lambda e: e.slot)
     rank_probabilities = dist_env.gather([e.probabilities for e in events])
@@ -830,12 +890,17 @@ def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, 
                   input_size=list(data_config['input_size'])),
         seed=args.seed, world_size=dist_env.world_size, rank_probabilities=rank_probabilities, args=vars(args),
     )
+    verdict = search_verdict(events, args.rho, num_classes, last_top1)
+    summary.update(decided=verdict.decided, undecided_reasons=verdict.reasons, undecided_slots=verdict.undecided_slots,
+                   final_top1=last_top1, arch_lr_used=search.config.arch_lr)
     atomic_write_text(json.dumps(summary, indent=2), genotype_path)
     command = retrain_command(args, genotype_path, num_classes, data_config, dist_env.device)
     atomic_write_text(command + '\n' + (f'# {note}\n' if note else ''), os.path.join(args.output, RETRAIN_NAME))
     plotted = plot_search(history, events_out, OP_NAMES, model.num_slots, os.path.join(args.output, PLOT_NAME),
                           title=f'PMPL search of {args.model}')
-    print(f'Genotype: {genotype}', flush=True)
+    print(f'Genotype: {genotype}' + ('' if verdict.decided else ' (UNDECIDED)'), flush=True)
+    for line in verdict_lines(verdict, events, args.rho):
+        print(line, flush=True)
     print(f'Wrote {genotype_path}, {LOG_NAME}, {CHECKPOINT_NAME}' + (f', {PLOT_NAME}' if plotted else
           ' (no plot: pip install matplotlib)') + f' in {args.output}', flush=True)
     print(f'Retrain with timm (train.py from the timm repository):\n  {command}', flush=True)
