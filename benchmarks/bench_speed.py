@@ -30,7 +30,8 @@ from timm.utils.model import reparameterize_model
 
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.mixed_op import MetaPooling
-from timm_metapool.ops import GlobalContextEnhancer, directional_means
+from timm_metapool.kernels import directional_means
+from timm_metapool.ops import GlobalContextEnhancer
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
 
 BASELINE = 'mobilenetv2_100'

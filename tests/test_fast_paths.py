@@ -19,10 +19,11 @@ from timm.utils.model import reparameterize_model
 
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.deploy import ProjectionAvgPool
-from timm_metapool.mixed_op import (
-    MetaPooling, _BoxMixtureConv, _WeightedMaxChain, _dot, linear_pool_basis)
-from timm_metapool.ops import (_BOX_FILTER_MIN_NUMEL, OP_NAMES, GlobalContextEnhancer, apply_gates, create_op,
-                               directional_means, pool_kernel_size, sum_over_height, sum_over_width)
+from timm_metapool.kernels import (
+    _BOX_FILTER_MIN_NUMEL, BoxMixtureConv, WeightedMaxChain, apply_gates, chunked_dot, directional_means,
+    sum_over_height, sum_over_width)
+from timm_metapool.mixed_op import MetaPooling, linear_pool_basis
+from timm_metapool.ops import OP_NAMES, GlobalContextEnhancer, create_op, pool_kernel_size
 
 SMALL_SHAPES = [(2, 8, 9, 7), (3, 5, 1, 1), (2, 6, 2, 3), (1, 4, 5, 1)]
 
@@ -89,9 +90,9 @@ def test_box_mixture_conv_gradcheck(layout, shape):
     sizes = tuple(1 if n == 'skip' else pool_kernel_size(n) for n in names)
     x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(True)
     coeffs = torch.randn(len(names), dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, c: _BoxMixtureConv.apply(x, c, masks, sizes), (x, coeffs))
+    assert torch.autograd.gradcheck(lambda x, c: BoxMixtureConv.apply(x, c, masks, sizes), (x, coeffs))
     # and the coefficients' gradient is skipped, not wrong, when they need none
-    out = _BoxMixtureConv.apply(x, coeffs.detach(), masks, sizes)
+    out = BoxMixtureConv.apply(x, coeffs.detach(), masks, sizes)
     out.sum().backward()
     assert x.grad is not None and coeffs.grad is None
 
@@ -104,9 +105,9 @@ def test_chunked_dot_is_accurate(layout):
     a = torch.ones(shape).contiguous(memory_format=layout)
     b = F.max_pool2d(distinct_input(shape), 3, stride=1, padding=1).contiguous(memory_format=layout)
     expected = (a.double() * b.double()).sum()
-    assert abs(float(_dot(a, b)) - float(expected)) <= 1e-6 * abs(float(expected))
+    assert abs(float(chunked_dot(a, b)) - float(expected)) <= 1e-6 * abs(float(expected))
     small = distinct_input((3, 5, 7, 2), dtype=torch.float64)  # fewer elements than one chunk
-    torch.testing.assert_close(_dot(small, small), (small * small).sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(chunked_dot(small, small), (small * small).sum(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize('shape', SMALL_SHAPES)
@@ -132,7 +133,7 @@ def test_max_chain_function_in_either_layout(chain, layout, shape):
         xi = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
         wi = weights.clone().requires_grad_(True)
         if fused:
-            out = _WeightedMaxChain.apply(torch.zeros_like(xi), xi, wi, chain)
+            out = WeightedMaxChain.apply(torch.zeros_like(xi), xi, wi, chain)
         else:
             out, level = torch.zeros_like(xi), xi
             for i in chain:

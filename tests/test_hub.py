@@ -16,7 +16,9 @@ from timm.models._hub import load_model_config_from_path
 import timm_metapool  # noqa: F401
 from _helpers import randomize_bn
 from timm_metapool import OP_NAMES, Genotype
-from timm_metapool.hub import GenotypeMismatchError, checkpoint_filter_fn, export_for_hub
+from timm_metapool.hub import export_for_hub
+from timm_metapool.integrity import GenotypeMismatchError
+from timm_metapool.loading import checkpoint_filter_fn
 from timm_metapool.pretrained import resolve_pretrained_genotype
 from train_hooks import publish
 

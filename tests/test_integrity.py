@@ -103,7 +103,7 @@ def test_timm_base_weights_load_exactly_into_all_skip_and_warm_start_other_genot
 
     path = tmp_path / 'mobilenetv2_035.pth'
     torch.save(base.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger='timm_metapool.hub'):
+    with caplog.at_level(logging.INFO, logger='timm_metapool.loading'):
         warm = timm.create_model(MODEL, genotype=_genotype('global', 'avg3'), num_classes=NUM_CLASSES,
                                  pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=NUM_CLASSES))
     assert 'enhancer slots [0] start fresh' in caplog.text

@@ -5,7 +5,7 @@ Importing the package registers the Meta-Pooling models with timm (`timm.list_mo
 """
 from .genotype import Genotype, GENOTYPE_FORMAT_VERSION
 from .mixed_op import ARCH_PARAM_NAME, MetaPooling
-from .mobilenetv2_metapool import MetaPoolingMixin
+from .search_space import MetaPoolingMixin
 from .blocks import SLOT_ATTR, MetaPoolInvertedResidual, MetaPoolUniversalInvertedResidual
 from .hook import (
     MetaPoolEfficientNet, MetaPoolEfficientNetFeatures, MetaPoolMobileNetV3, MetaPoolMobileNetV3Features,

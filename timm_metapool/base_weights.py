@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .blocks import SLOT_ATTR
-from .hub import load_trained_checkpoint
+from .loading import load_trained_checkpoint
 from .integrity import GENOTYPE_STATE_KEY, describe_key_mismatch
 
 __all__ = ['read_base_weights', 'load_base_weights']

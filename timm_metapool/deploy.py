@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .mixed_op import MetaPooling
-from .ops import op_name_of, pool_kernel_size, same_size_avg_pool
+from .kernels import same_size_avg_pool
+from .ops import op_name_of, pool_kernel_size
 
 __all__ = ['ProjectionAvgPool', 'PoolMovedToProjection', 'move_pool_to_projection']
 

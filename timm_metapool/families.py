@@ -18,7 +18,7 @@ from timm.models._builder import pretrained_cfg_for_features
 
 from .genotype import GenotypeLike
 from .hook import add_meta_pooling, slot_blocks
-from .hub import checkpoint_filter_fn
+from .loading import checkpoint_filter_fn
 from .pretrained import PRETRAINED_TAGS, resolve_pretrained_genotype
 
 __all__ = ['METAPOOL_FAMILIES', 'base_model_name', 'create_metapool_model']
@@ -92,7 +92,7 @@ def create_metapool_model(
     """Build registered `variant`: timm's base model with every kwarg, Meta-Pooling slots, then pretrained weights.
 
     timm's `build_model_with_cfg` does the rest as for the base model: the variant's pretrained cfg, loading (with
-    `hub.checkpoint_filter_fn`, which refuses weights of another genotype) and `features_only` (timm's
+    `loading.checkpoint_filter_fn`, which refuses weights of another genotype) and `features_only` (timm's
     EfficientNetFeatures / MobileNetV3Features, which keep the search-space API; with `feature_cls` / `feature_cfg`,
     timm's wrapper around the model with slots).
     """

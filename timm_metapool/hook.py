@@ -21,7 +21,7 @@ from timm.models.mobilenetv3 import MobileNetV3, MobileNetV3Features
 from .blocks import add_slot, has_slot_position, slot_channels, slot_device_dtype
 from .genotype import Genotype, GenotypeLike
 from .mixed_op import MetaPooling
-from .mobilenetv2_metapool import MetaPoolingMixin
+from .search_space import MetaPoolingMixin
 from .ops import OP_NAMES, create_op
 
 __all__ = [

@@ -10,18 +10,19 @@
   holds several equal maxima both versions pass the gradient to one of them, not necessarily the same one.
 * the `global` term scales its small per-row gate by its weight before touching the full-size map.
 
-On CPU the local terms run in channels-last (`ops.local_layout`) and the mixed op returns a channels-last map: the same
+On CPU the local terms run in channels-last (`kernels.local_layout`) and the mixed op returns a channels-last map: the same
 values, but PyTorch's CPU max pooling, depthwise conv and their backward are several times faster in that layout,
 and so are the 1x1 convs that follow in the block.
 """
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .ops import (OP_NAMES, GlobalContextEnhancer, apply_gates, autocast_off, box_filter, create_op, layout_of,
-                  local_layout, plain_forward_of, pool_kernel_size, reachable_window)
+from .kernels import (
+    BoxMixtureConv, WeightedMaxChain, apply_gates, autocast_off, local_layout, reachable_window,
+)
+from .ops import OP_NAMES, GlobalContextEnhancer, create_op, plain_forward_of, pool_kernel_size
 
 __all__ = ['MetaPooling', 'ARCH_PARAM_NAME', 'mixed_op_plain', 'linear_pool_basis']
 
@@ -61,111 +62,6 @@ def linear_pool_basis(op_names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tens
         start = (size - k) // 2
         masks[i, start:start + k, start:start + k] = 1.
     return masks, torch.tensor([float(k * k) for k in sizes])
-
-
-class _BoxMixtureConv(torch.autograd.Function):
-    """Depthwise conv of x with the kernel sum_m coeffs[m] * masks[m], shared by every channel, zero padding.
-
-    masks[m] is the (cropped) centred window of ones of a `skip` / `avgK` candidate, of side `sizes[m]`. Only the
-    coefficients need a gradient, not the kernel: d/dcoeffs[m] = <grad, window sums of x>, one box-sum conv (a
-    forward conv) and one dot product per candidate. Autograd would take the per-channel kernel gradient with
-    oneDNN's depthwise weight-gradient kernel and contract it with the masks: for a 7x7 kernel that measured 1.6x
-    (224 px maps) to 16x (a 7x7 map of 960 channels) slower on CPU, in either layout. When the coefficients need
-    no gradient (alpha frozen, as in PMPL's weight pass), only x's gradient is computed.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, coeffs: torch.Tensor, masks: torch.Tensor,
-                sizes: Tuple[int, ...]) -> torch.Tensor:
-        channels, kh, kw = x.shape[1], masks.shape[1], masks.shape[2]
-        weight = torch.tensordot(coeffs, masks, dims=1).expand(channels, 1, kh, kw)
-        ctx.save_for_backward(x, weight)
-        ctx.sizes = sizes
-        return F.conv2d(x, weight, padding=(kh // 2, kw // 2), groups=channels)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        x, weight = ctx.saved_tensors
-        channels, kh, kw = x.shape[1], weight.shape[2], weight.shape[3]
-        grad_out = grad_out.contiguous(memory_format=layout_of(x))
-        grad_x = grad_coeffs = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, [1, 1], [kh // 2, kw // 2], [1, 1], False, [0, 0], channels,
-                [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            with autocast_off(x.device.type):  # the window sums in x's dtype, as the forward ran
-                grad_coeffs = torch.stack([_dot(grad_out, x if k == 1 else box_filter(x, k, 1.))
-                                           for k in ctx.sizes])
-        return grad_x, grad_coeffs, None, None
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A dense 4-D tensor as a 1-D view in its own memory order (for dot products between same-layout tensors)."""
-    return t.permute(0, 2, 3, 1).reshape(-1) if not t.is_contiguous() else t.reshape(-1)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """<a, b> of two dense same-layout tensors without a full-size product tensor.
-
-    A single BLAS dot accumulates millions of terms in one float32 sum (relative error ~3e-5 on a 112x112 batch);
-    dots of 256-element chunks (one bmm) whose partial sums are then added by torch's cascade summation are as
-    accurate as autograd's `(a * b).sum()` and about 3x faster than it.
-    """
-    a, b = _flat(a), _flat(b)
-    body = a.numel() // chunk * chunk
-    partials = torch.bmm(a[:body].view(-1, 1, chunk), b[:body].view(-1, chunk, 1))
-    return partials.sum() + torch.dot(a[body:], b[body:])
-
-
-class _WeightedMaxChain(torch.autograd.Function):
-    """out += sum_j weights[chain[j]] * max3^(j+1)(x), in place: max3, max5 = max3(max3), max7 = max3(max5).
-
-    Runs in x's layout (MetaPooling passes it in `local_layout`); the backward follows that layout.
-
-    `chain[j]` is the index in `weights` of the level-j candidate, or None where that size is not a candidate (its
-    pool still runs, as a step to the larger ones). Autograd through the pools and accumulations would materialise
-    the gradient of every term (grad * weight) and of every weight (grad * pooled, then summed), and convert the
-    gradient's layout at every pool; here it is converted once, a weight's gradient is a dot product, and each
-    level's gradient is accumulated in place before going through its pool.
-    """
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
-                chain: Tuple[Optional[int], ...]) -> torch.Tensor:
-        levels, indices = [x], []
-        for i in chain:
-            pooled, index = F.max_pool2d(levels[-1], kernel_size=3, stride=1, padding=1, return_indices=True)
-            levels.append(pooled)
-            indices.append(index)
-            if i is not None:
-                out.addcmul_(pooled, weights[i])
-        ctx.mark_dirty(out)
-        ctx.chain = chain
-        ctx.save_for_backward(weights, *levels, *indices)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            return grad_out, None, None, None
-        weights, *saved = ctx.saved_tensors
-        depth = len(ctx.chain)
-        levels, indices = saved[:depth + 1], saved[depth + 1:]
-        grad = grad_out.contiguous(memory_format=layout_of(levels[0]))
-        grad_weights = torch.zeros_like(weights) if ctx.needs_input_grad[2] else None
-        level_grad = None  # gradient w.r.t. the output of the current level's pool
-        for j in reversed(range(depth)):
-            i = ctx.chain[j]
-            if i is not None:
-                if grad_weights is not None:
-                    grad_weights[i] = _dot(grad, levels[j + 1])
-                level_grad = grad * weights[i] if level_grad is None else level_grad.addcmul_(grad, weights[i])
-            level_grad = torch.ops.aten.max_pool2d_with_indices_backward(
-                level_grad, levels[j], [3, 3], [1, 1], [1, 1], [1, 1], False, indices[j])
-        return grad_out, level_grad if ctx.needs_input_grad[1] else None, grad_weights, None
 
 
 class MetaPooling(nn.Module):
@@ -278,13 +174,13 @@ class MetaPooling(nn.Module):
         if kh == kw == 1:
             return x * coeffs.sum()
         masks = masks[:, (size - kh) // 2:(size + kh) // 2, (size - kw) // 2:(size + kw) // 2]
-        return _BoxMixtureConv.apply(x, coeffs, masks, self._linear_sizes)
+        return BoxMixtureConv.apply(x, coeffs, masks, self._linear_sizes)
 
     def _max_terms(self, x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Adds pi_k * maxK(x) for the max candidates, each larger window one more 3x3 pass over the previous."""
         if not self._max_idx:
             return out
-        return _WeightedMaxChain.apply(out, x, weights, tuple(self._max_idx))
+        return WeightedMaxChain.apply(out, x, weights, tuple(self._max_idx))
 
     def extra_repr(self) -> str:
         return f"chosen={self.chosen!r}" if self.chosen else f"candidates={','.join(self.op_names)}"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .mixed_op import MetaPooling
-from .mobilenetv2_metapool import MetaPoolingMixin
+from .search_space import MetaPoolingMixin
 from .ops import op_name_of
 
 __all__ = [

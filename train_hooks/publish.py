@@ -12,7 +12,6 @@ The export is checked by loading it back with `timm.create_model('local-dir:OUT'
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -61,7 +60,7 @@ def _choose_genotype(requested: Optional[str], checkpoint, num_slots: int, from_
     only confirm; for search-space weights (--from-supernet) the sub-network named by --genotype or the checkpoint.
     Weights that carry none (a plain state_dict of another tool) need --genotype."""
     from timm_metapool import Genotype
-    from timm_metapool.hub import parse_checkpoint_genotype
+    from timm_metapool.loading import parse_checkpoint_genotype
     from timm_metapool.integrity import SEARCH_SLOT, codes_to_op_names, state_dict_codes
     from timm_metapool.pretrained import first_genotype_difference
 
@@ -116,7 +115,7 @@ def _read_card_metrics(path: str, checkpoint, use_ema: bool):
 def publish(args: argparse.Namespace) -> str:
     """Run the export (and push); returns the line a user loads the result with."""
     import timm
-    from timm_metapool import hub  # importing the package registers the architectures
+    from timm_metapool import hub, loading  # importing the package registers the architectures
 
     if args.push and not args.repo_id:
         raise ValueError('--push needs --repo-id ORG/NAME.')
@@ -129,13 +128,13 @@ def publish(args: argparse.Namespace) -> str:
     if args.from_supernet and args.metrics:
         raise ValueError('--from-supernet exports shared weights that were never trained as this sub-network: no '
                          'metrics describe them. Drop --metrics (or retrain the genotype and publish that).')
-    checkpoint = hub.load_trained_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    checkpoint = loading.load_trained_checkpoint(args.checkpoint, use_ema=args.use_ema)
     metrics = _read_card_metrics(args.metrics, checkpoint, args.use_ema) if args.metrics else None
     _check_model_name(args.model, checkpoint.arch)
     # Presets ('skip', 'random:0') need the slot count; a parameter-free build is the one place that knows it.
     num_slots = timm.create_model(args.model, genotype='skip').num_slots
     genotype = _choose_genotype(args.genotype, checkpoint, num_slots, args.from_supernet)
-    model = hub.build_model_for_weights(args.model, genotype, checkpoint.state_dict)
+    model = loading.build_model_for_weights(args.model, genotype, checkpoint.state_dict)
 
     out = hub.export_for_hub(
         model, args.out, model_name=args.model, repo_id=args.repo_id, data_config=checkpoint.data_config,

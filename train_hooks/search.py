@@ -7,6 +7,9 @@ under `torchrun` (DistributedDataParallel for the weights, alpha gradients avera
 import argparse
 import contextlib
 import csv
+import datetime
+import errno
+import io
 import json
 import math
 import os
@@ -30,13 +33,15 @@ from timm.scheduler import CosineLRScheduler
 
 import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.data import (
-    DatasetSplit, dataset_class_names, dataset_targets, generate_demo_dataset, stored_image_mode, stratified_split)
+    BadImageError, DatasetSplit, dataset_class_names, dataset_targets, generate_demo_dataset, split_fingerprint,
+    stored_image_mode, stratified_split)
 from timm_metapool.base_weights import load_base_weights
 from timm_metapool.integrity import check_weights_checksum, weights_checksum
 from timm_metapool.ops import OP_NAMES
 from timm_metapool.decision import PAPER_ARCH_LR, auto_arch_lr, budget_shortfall, search_verdict
 from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch
 
+from .image_check import CHECK_MODES, find_bad_images, sample_paths
 from .search_plot import plot_search
 
 CHECKPOINT_FORMAT = 1
@@ -44,6 +49,9 @@ CHECKPOINT_FORMAT = 1
 _HELD_OUT_SPLIT_NAMES = ('val', 'valid', 'validation', 'eval', 'evaluation', 'test')
 LOG_NAME, GENOTYPE_NAME, PLOT_NAME, CHECKPOINT_NAME, RETRAIN_NAME = (
     'search_log.csv', 'genotype.json', 'search.png', 'last.pth', 'retrain_command.txt')
+_CHECKPOINT_KEYS = ('model', 'num_slots', 'epoch', 'global_step', 'state_dict', 'search', 'log_rows', 'history',
+                    'elapsed_s', 'args', 'num_classes')
+RUN_OUTPUTS = (LOG_NAME, GENOTYPE_NAME, PLOT_NAME, CHECKPOINT_NAME, RETRAIN_NAME)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mode images are converted to when read ('RGB', 'L', ...); default: 'RGB' for 3 input "
                            "channels, else 'L' (as timm's train.py)")
     data.add_argument('--workers', '-j', type=int, default=4)
+    data.add_argument('--check-images', default='header', choices=CHECK_MODES,
+                      help="check every training image once before the search: its header and size, a full decode, "
+                           "or not at all")
+    data.add_argument('--skip-bad-images', action='store_true',
+                      help='leave the images the check finds bad out of both splits (default: stop and list them)')
     aug = parser.add_argument_group('train-split augmentation (timm.data.create_loader)')
     aug.add_argument('--aa', default=None, help="auto-augment policy, e.g. 'rand-m9-mstd0.5'")
     aug.add_argument('--reprob', type=float, default=0.0)
@@ -119,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--channels-last', action='store_true')
     run.add_argument('--quiet', action='store_true', help='no progress bar; one line per epoch (for log files)')
     run.add_argument('--history-interval', type=int, default=10, help='record softmax(alpha) every N steps')
+    run.add_argument('--dist-timeout', type=float, default=300.0,
+                     help='seconds a rank waits for the others (torchrun) before the search stops with an error')
     return parser
 
 
@@ -194,6 +209,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ('--epochs', '--batch-size', '--history-interval', '--recount'):
         value = _flag_value(args, flag)
         _require(value >= 1, flag, 'at least 1', value)
+    _require(args.dist_timeout > 0, '--dist-timeout', 'positive', args.dist_timeout)
     for flag in ('--meta-batch-size', '--num-classes', '--in-chans', '--img-size'):
         value = _flag_value(args, flag)
         if value is not None:  # 0 would otherwise pass for "not given"
@@ -231,9 +247,12 @@ def check_args(args: argparse.Namespace) -> None:
     resuming_in_place = args.resume and os.path.isdir(args.output) and os.path.samefile(
         args.output, os.path.dirname(os.path.abspath(args.resume)))
     if os.path.isdir(args.output) and os.listdir(args.output) and not (resuming_in_place or args.overwrite):
+        checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
+        resume = (f'--resume {checkpoint} to continue it, ' if os.path.isfile(checkpoint) else
+                  'no checkpoint is in it (the run stopped before its first epoch ended), so ')
         raise SystemExit(f'error: output dir {args.output!r} exists and is not empty; nothing was touched. Pass '
-                         f'--resume {os.path.join(args.output, CHECKPOINT_NAME)} to continue it, --overwrite to '
-                         f'reuse it, or choose a new --output.')
+                         f'{resume}--overwrite to start a new search there (the files of the earlier run are '
+                         f'deleted first), or choose a new --output.')
     if args.data_dir is not None and args.dataset == '' and not os.path.isdir(args.data_dir):
         raise SystemExit(f'error: --data-dir {args.data_dir!r} does not exist.')
     if args.data_dir is not None and _reads_folders(args.dataset) and os.path.isdir(args.data_dir):
@@ -307,7 +326,7 @@ def seed_everything(seed: int) -> None:
 class Distributed:
     """torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK); a single process otherwise."""
 
-    def __init__(self, device: Optional[str]):
+    def __init__(self, device: Optional[str], timeout_s: float = 300.0):
         self.world_size = int(os.environ.get('WORLD_SIZE', '1'))
         self.rank = int(os.environ.get('RANK', '0'))
         local_rank = int(os.environ.get('LOCAL_RANK', '0'))
@@ -319,7 +338,9 @@ class Distributed:
         if use_cuda:
             torch.cuda.set_device(self.device)
         if self.enabled:
-            dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+            # A rank that stops responding ends the others' waits after timeout_s, instead of blocking them forever.
+            dist.init_process_group(backend='nccl' if use_cuda else 'gloo',
+                                    timeout=datetime.timedelta(seconds=timeout_s))
 
     @property
     def enabled(self) -> bool:
@@ -385,19 +406,45 @@ def make_datasets(args: argparse.Namespace, dist_env: Distributed):
     targets = dataset_targets(train_base)
     class_names = dataset_class_names(train_base)
     num_classes = len(set(targets))
+    bad = check_training_images(args, train_base, dist_env)
     try:
-        pool = list(range(len(targets)))
-        if args.max_images is not None and args.max_images < len(targets):
-            _, pool = stratified_split(targets, args.max_images / len(targets), seed=args.seed, class_names=class_names)
-            check_sample_keeps_every_class(targets, pool, args.max_images)
+        pool = [i for i in range(len(targets)) if i not in bad]
+        if args.max_images is not None and args.max_images < len(pool):
+            pool_targets = [targets[i] for i in pool]
+            _, local = stratified_split(pool_targets, args.max_images / len(pool), seed=args.seed,
+                                        class_names=class_names)
+            check_sample_keeps_every_class(pool_targets, local, args.max_images)
+            pool = [pool[i] for i in local]
         local_train, local_meta = stratified_split(
             [targets[i] for i in pool], args.meta_fraction, seed=args.seed, class_names=class_names)
     except ValueError as e:
         raise SystemExit(f'error: {e}')
     train_idx, meta_idx = [pool[i] for i in local_train], [pool[i] for i in local_meta]
     mode = image_mode(args)  # also for datasets whose reader does not apply it (torchvision's)
-    return (DatasetSplit(train_base, train_idx, image_mode=mode), DatasetSplit(meta_base, meta_idx, image_mode=mode),
-            num_classes, stored_image_mode(train_base))
+    train_set = DatasetSplit(train_base, train_idx, image_mode=mode)
+    train_set.bad_images_left_out = len(bad)  # reported in genotype.json
+    return (train_set, DatasetSplit(meta_base, meta_idx, image_mode=mode), num_classes, stored_image_mode(train_set))
+
+
+def check_training_images(args: argparse.Namespace, dataset, dist_env: Distributed) -> Dict[int, str]:
+    """Index -> problem of the bad files of a folder dataset (`image_check`); stops the run listing them unless
+    --skip-bad-images, which leaves them out of both splits."""
+    paths = None if args.check_images == 'off' else sample_paths(dataset)
+    if paths is None:
+        return {}
+    bad = find_bad_images(paths, decode=args.check_images == 'decode', workers=max(args.workers, 1) * 2,
+                          progress=dist_env.is_main and not args.quiet)
+    if not bad:
+        return {}
+    listed = '\n'.join(f'  {paths[i]}: {problem}' for i, problem in sorted(bad.items())[:20])
+    more = f'\n  ... and {len(bad) - 20} more' if len(bad) > 20 else ''
+    if not args.skip_bad_images:
+        raise SystemExit(f'error: {len(bad)} of the {len(paths)} training images cannot be used:\n{listed}{more}\n'
+                         f'Repair or remove them, or pass --skip-bad-images to leave them out of both splits.')
+    if dist_env.is_main:
+        print(f'--skip-bad-images: leaving out {len(bad)} of the {len(paths)} training images:\n{listed}{more}',
+              flush=True)
+    return bad
 
 
 def per_process_batches(args: argparse.Namespace, world_size: int, input_size: Sequence[int]) -> Tuple[int, int]:
@@ -467,28 +514,45 @@ def cycle_batches(loader, epoch: int):
         epoch += 10_000  # a new order on each restart within the epoch
 
 
-def atomic_save(obj, path: str) -> None:
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write `path` whole or not at all: through `path.tmp`, renamed into place once flushed to disk. A failed write
+    removes the `.tmp` and leaves the previous file as it was; a full disk says so."""
     tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = 'the previous one is kept' if os.path.exists(path) else 'nothing was written'
+            raise SystemExit(f'error: No space left on device while writing {path} ({len(data)} bytes); {kept}. '
+                             f'Free space there, then resume with --resume {os.path.join(os.path.dirname(path), CHECKPOINT_NAME)} '
+                             f'if it exists, or start again.') from None
+        raise
+
+
+def atomic_save(obj, path: str) -> None:
+    buffer = io.BytesIO()  # serialised in memory, so that a full disk is an OSError of our own write
+    torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(text.encode('utf-8'), path)
 
 
 def write_log_csv(rows: List[Dict], path: str) -> None:
     if not rows:
         return
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline='')
+    writer = csv.DictWriter(text, fieldnames=list(rows[0].keys()))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), path)
 
 
 def snapshot_probabilities(model) -> List[Optional[List[float]]]:
@@ -539,11 +603,27 @@ def load_resume_state(args: argparse.Namespace) -> Optional[Dict]:
                          f'torch.load(weights_only=True), which refuses pickled code): {e}')
     if not isinstance(state, dict) or state.get('format_version') != CHECKPOINT_FORMAT or 'search' not in state:
         raise SystemExit(f'error: {args.resume!r} is not a PMPL search checkpoint (OUTPUT/{CHECKPOINT_NAME}).')
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise SystemExit(f"error: {args.resume!r} is a damaged search checkpoint: it lacks {', '.join(missing)}. "
+                         f"Start a new search, or restore the file from a copy.")
     try:
         check_weights_checksum(state.get('state_dict', {}), state.get('weights_sha256'), args.resume)
     except ValueError as e:
         raise SystemExit(f'error: {e}')
     return state
+
+
+def check_same_split(args: argparse.Namespace, state: Dict, split: Dict) -> None:
+    """The data still makes the train/meta split of the run being resumed (a file added, removed or renamed would
+    move images between the splits, or shift them)."""
+    saved = state.get('split')
+    if saved is not None and saved['fingerprint'] != split['fingerprint']:
+        raise SystemExit(f"error: the training data changed since the run being resumed: it made "
+                         f"{saved['train_images']} train / {saved['meta_images']} meta images, and now makes "
+                         f"{split['train_images']} / {split['meta_images']} (or the same counts of other images). A "
+                         f"resumed search must keep its split: restore the data in --data-dir {args.data_dir!r}, "
+                         f"or start a new search in a new --output.")
 
 
 def check_resumed_model(args: argparse.Namespace, state: Dict) -> None:
@@ -620,14 +700,22 @@ def run(args: argparse.Namespace, explicit: Optional[set] = None) -> Dict:
     else:
         resume_state = None
     check_args(args)
-    dist_env = Distributed(args.device)
+    dist_env = Distributed(args.device, timeout_s=args.dist_timeout)
+    checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
     try:
         with removed_if_nothing_saved(args.output, enabled=dist_env.is_main):
             return _run(args, dist_env, resume_state)
+    except BadImageError as e:
+        raise SystemExit(f'error: {str(e).strip().splitlines()[-1]}') from None
     except FloatingPointError as e:
-        checkpoint = os.path.join(args.output, CHECKPOINT_NAME)
         kept = f'Last good checkpoint: {checkpoint}' if os.path.isfile(checkpoint) else 'No epoch had completed.'
         raise SystemExit(f'error: {e} {kept}')
+    except RuntimeError as e:  # gloo raises a plain RuntimeError on a timeout, nccl a DistBackendError
+        if not (dist_env.enabled and (isinstance(e, dist.DistError) or 'timed out' in str(e).lower())):
+            raise
+        kept = f'resume from {checkpoint}' if os.path.isfile(checkpoint) else 'no epoch had completed'
+        raise SystemExit(f'error: rank {dist_env.rank}: another rank stopped responding for --dist-timeout '
+                         f'{args.dist_timeout:g} s ({type(e).__name__}); the search stops here ({kept}).') from None
     finally:
         dist_env.close()
 
@@ -664,10 +752,26 @@ def _remove_run_output(output: str, keep_dir: bool) -> None:
     print(f'(nothing had been saved: removed what this run wrote in {output!r})', file=sys.stderr, flush=True)
 
 
+def clear_previous_run(output: str) -> List[str]:
+    """Delete the files an earlier search wrote in `output` (and their `.tmp`), so that none of them sits beside
+    the new run's; other files (the demo dataset, the user's) stay. Returns the names deleted."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        for path in (os.path.join(output, name), os.path.join(output, name + '.tmp')):
+            if os.path.lexists(path):
+                os.remove(path)
+                removed.append(os.path.basename(path))
+    return removed
+
+
 def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional[Dict]) -> Dict:
     log = (lambda *a: print(*a, flush=True)) if dist_env.is_main else (lambda *a: None)
     if dist_env.is_main:
         os.makedirs(args.output, exist_ok=True)
+        if args.overwrite and resume_state is None:
+            removed = clear_previous_run(args.output)
+            if removed:
+                log(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {args.output}")
     if args.data_dir is None:
         args.data_dir = os.path.join(args.output, 'demo_data')
         if dist_env.is_main and not os.path.isdir(args.data_dir):
@@ -678,6 +782,10 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         args.img_size = args.img_size or 32
 
     train_set, meta_set, found_classes, stored_mode = make_datasets(args, dist_env)
+    split = dict(fingerprint=split_fingerprint(train_set, meta_set, root=args.data_dir), train_images=len(train_set),
+                 meta_images=len(meta_set))
+    if resume_state is not None:
+        check_same_split(args, resume_state, split)
     num_classes = args.num_classes or found_classes
     if num_classes < found_classes:
         raise SystemExit(f'error: --num-classes {num_classes} is fewer than the {found_classes} classes of the training '
@@ -714,6 +822,8 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
             raise SystemExit(f"error: {args.resume!r} has {state['num_slots']} slots, {args.model} has "
                              f'{model.num_slots}; it was made by another version of the model.')
         search.load_state_dict(state['search'], state['state_dict'])
+        for change in search.apply_config(config):
+            log(f'Resume with a new setting: {change}')
         start_epoch, global_step = state['epoch'], state['global_step']
         log_rows, history, elapsed = state['log_rows'], state['history'], state['elapsed_s']
         log(f'Resumed {args.resume}: epoch {start_epoch}, {model.num_slots - len(model.open_slots())}/'
@@ -786,20 +896,22 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
             f"{row['epoch_time_s']:.1f}s" + (f" | {sums['skipped']} steps skipped (float16 overflow; the GradScaler "
                                              f"lowered its scale)" if sums['skipped'] else ''))
         if dist_env.is_main:
+            # The checkpoint first: it holds the log rows too, so the CSV never runs ahead of what a resume restores.
+            save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes,
+                            split)
             write_log_csv(log_rows, os.path.join(args.output, LOG_NAME))
-            save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes)
 
     forced = search.apply_early_stopping(global_step, epoch, force=True) if not search.done else []
     for event in forced:
         log(f'  slot {event.slot} forced to its argmax {event.op_name} (pi={max(event.probabilities):.3f})')
     if forced and dist_env.is_main:
-        save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes)
+        save_checkpoint(args, search, model, epoch, global_step, log_rows, history, elapsed, num_classes, split)
     return finish(args, dist_env, search, model, num_classes, data_config, epoch, global_step, steps_per_epoch,
                   history, elapsed, train_set, meta_set, note, last_top1=final_top1(log_rows))
 
 
 def save_checkpoint(args, search: PMPLSearch, model, epoch: int, global_step: int, log_rows, history, elapsed: float,
-                    num_classes: int) -> None:
+                    num_classes: int, split: Dict) -> None:
     """OUTPUT/last.pth, written atomically: a kill mid-write leaves the previous epoch's file intact."""
     genotype = model.genotype
     state_dict = model.state_dict()
@@ -808,7 +920,7 @@ def save_checkpoint(args, search: PMPLSearch, model, epoch: int, global_step: in
         global_step=global_step, state_dict=state_dict, weights_sha256=weights_checksum(state_dict),
         search=search.state_dict(),
         genotype=None if genotype is None else genotype.to_string(), log_rows=log_rows, history=history,
-        elapsed_s=elapsed, args=_args_for_resume(args), num_classes=num_classes,
+        elapsed_s=elapsed, args=_args_for_resume(args), num_classes=num_classes, split=split,
     ), os.path.join(args.output, CHECKPOINT_NAME))
 
 
@@ -887,6 +999,7 @@ def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, 
         epochs_run=epochs_run, steps_run=global_step, search_time_s=round(elapsed, 2),
         data=dict(data_dir=args.data_dir, dataset=args.dataset, train_split=args.train_split,
                   train_images=len(train_set), meta_images=len(meta_set), num_classes=num_classes,
+                  bad_images_left_out=getattr(train_set, 'bad_images_left_out', 0),
                   input_size=list(data_config['input_size'])),
         seed=args.seed, world_size=dist_env.world_size, rank_probabilities=rank_probabilities, args=vars(args),
     )

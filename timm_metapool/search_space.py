@@ -5,7 +5,7 @@ parameters alpha and the network weights theta as separate groups (PMPL, Sec. 2.
 genotype. The registered models (`mobilenetv2_metapool_*` and the other families) live in families.py.
 """
 import logging
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from .integrity import (
     GENOTYPE_STATE_KEY, GenotypeMismatchError, check_genotype_codes, codes_tensor, describe_code, genotype_codes,
 )
 from .mixed_op import ARCH_PARAM_NAME, MetaPooling
-from .ops import OP_NAMES, create_op, op_name_of
+from .ops import OP_NAMES, op_name_of
 
 __all__ = ['MetaPoolingMixin']
 
