@@ -323,7 +323,7 @@ def test_output_inside_the_training_images_is_refused(tmp_path):
 @pytest.mark.parametrize('extra, message', [
     (['-b', '1'], r'--batch-size 1 over 1 process\(es\) at input 32x32 gives BatchNorm one value per channel'),
     (['--meta-batch-size', '1'], r'--meta-batch-size 1 over 1 process\(es\)'),
-    (['--max-images', '10'], r'--max-images 10 leaves some class fewer than 2 images.*Give --max-images 16 or more'),
+    (['--max-images', '8'], r'--max-images 8 leaves some class fewer than 2 images.*Give --max-images 12 or more'),
 ])
 def test_batches_and_samples_too_small_for_the_data_name_their_flag(data_dir, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):

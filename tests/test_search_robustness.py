@@ -18,7 +18,7 @@ import timm
 from PIL import Image
 from timm.scheduler import CosineLRScheduler
 
-from timm_metapool.data import generate_demo_dataset
+from timm_metapool.data import DEMO_CLASSES, generate_demo_dataset
 from timm_metapool.hub import export_for_hub
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
 from train_hooks.search import main
@@ -99,7 +99,9 @@ def test_resume_after_the_data_changed_stops_with_what_changed(data_dir, tmp_pat
     first_class = sorted(os.listdir(data / 'train'))[0]
     for name in sorted(os.listdir(data / 'train' / first_class))[:2]:
         os.remove(data / 'train' / first_class / name)
-    with pytest.raises(SystemExit, match='training data changed .* 32 train / 32 meta images, and now makes 31 / 31'):
+    half = 4 * len(DEMO_CLASSES)  # 8 images per class, half of them in the meta split
+    with pytest.raises(SystemExit, match=f'training data changed .* {half} train / {half} meta images, and now makes '
+                                         f'{half - 1} / {half - 1}'):
         main(['--resume', str(out / 'last.pth')])
 
 
