@@ -37,7 +37,7 @@ from timm.scheduler import CosineLRScheduler
 import timm_metapool  # noqa: F401
 from timm_metapool.data import DatasetSplit, dataset_targets, stratified_split
 from train_hooks import search as search_cli
-from train_hooks.search import seed_everything
+from train_hooks.distributed import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_speed import count_macs, infer_step, time_interleaved  # noqa: E402

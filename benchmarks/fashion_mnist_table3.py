@@ -47,7 +47,7 @@ from timm.scheduler import CosineLRScheduler
 
 import timm_metapool
 from train_hooks import search as search_cli
-from train_hooks.search import seed_everything
+from train_hooks.distributed import seed_everything
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)

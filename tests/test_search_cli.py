@@ -372,7 +372,8 @@ def test_demo_run_resumes_from_another_directory(tmp_path, monkeypatch):
 
 
 def test_global_batches_split_evenly_over_torchrun_processes():
-    from train_hooks.search import build_parser, per_process_batches
+    from train_hooks.search_args import build_parser
+    from train_hooks.search_data import per_process_batches
     args = build_parser().parse_args(['-b', '8', '--meta-batch-size', '4'])
     assert per_process_batches(args, world_size=2, input_size=(3, 32, 32)) == (4, 2)
     args.batch_size = 3  # used to run as 2 per process (a global batch of 4), silently

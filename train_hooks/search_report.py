@@ -1,0 +1,119 @@
+"""The end of a search: genotype.json with the verdict, the search plot, the retrain command, and the epoch log rows."""
+import json
+import math
+import os
+import shlex
+from dataclasses import asdict
+from typing import Dict, List, Optional
+
+import torch
+
+from timm_metapool.decision import search_verdict
+from timm_metapool.ops import OP_NAMES
+
+from .run_files import CHECKPOINT_NAME, GENOTYPE_NAME, LOG_NAME, PLOT_NAME, RETRAIN_NAME, atomic_write_text
+from .search_plot import plot_search
+
+
+def snapshot_probabilities(model) -> List[Optional[List[float]]]:
+    return [None if p is None else [round(float(v), 6) for v in p] for p in model.slot_probabilities()]
+
+
+def retrain_command(args, genotype_path: str, num_classes: int, data_config, device: torch.device) -> str:
+    """timm train.py's command line for the paper's retrain recipe on the searched data (shell-quoted); off CUDA it
+    names the device, since train.py defaults to cuda."""
+    data = args.data_dir or os.path.join(args.output, 'demo_data')
+    quote = shlex.quote
+    parts = [
+        'python train.py', f'--data-dir {quote(data)}', f'--dataset {quote(args.dataset)}' if args.dataset else '',
+        '--device-modules timm_metapool', f'--model {args.model}',
+        f'--model-kwargs {quote("genotype=" + genotype_path)}',
+        f'--train-split {quote(args.train_split)}' if args.train_split != 'train' else '',
+        f'--num-classes {num_classes}', f"--input-size {' '.join(map(str, data_config['input_size']))}",
+        # the normalisation and image mode the genotype was searched with, which train.py would not derive
+        f"--mean {' '.join(map(str, args.mean))}" if args.mean else '',
+        f"--std {' '.join(map(str, args.std))}" if args.std else '',
+        f'--input-img-mode {quote(args.input_img_mode)}' if args.input_img_mode else '',
+        '--epochs 200 --sched cosine --opt sgd --lr 0.05 --momentum 0.9 --weight-decay 4e-5 -b 128',
+        f'--device {device.type}' if device.type != 'cuda' else '',
+    ]
+    return ' '.join(p for p in parts if p)
+
+
+def progress_bar(total: int, epoch: int, epochs: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=f'epoch {epoch + 1}/{epochs}', leave=False, dynamic_ncols=True)
+
+
+def epoch_row(epoch: int, step: int, lr: float, sums: Dict, model, epoch_time: float, elapsed: float) -> Dict:
+    row = dict(
+        epoch=epoch, step=step, lr=round(lr, 8),
+        train_loss=sums['train_loss'] / max(sums['n'], 1), train_top1=100.0 * sums['train_correct'] / max(sums['n'], 1),
+        meta_loss=sums['meta_loss'] / max(sums['meta_n'], 1) if sums['meta_n'] else float('nan'),
+        meta_top1=100.0 * sums['meta_correct'] / max(sums['meta_n'], 1),
+        slots_fixed=model.num_slots - len(model.open_slots()), epoch_time_s=round(epoch_time, 3),
+        elapsed_s=round(elapsed, 3),
+    )
+    for slot, probabilities in enumerate(snapshot_probabilities(model)):
+        for name, value in zip(OP_NAMES, probabilities or [float('nan')] * len(OP_NAMES)):
+            row[f'pi_{slot}_{name}'] = value
+    return row
+
+
+def final_top1(log_rows: List[Dict]) -> Optional[float]:
+    """The last epoch's meta-split top-1 (%), or its train top-1 when no meta batch ran (every slot already fixed)."""
+    if not log_rows:
+        return None
+    row = log_rows[-1]
+    return row['train_top1'] if math.isnan(row['meta_loss']) else row['meta_top1']
+
+
+def verdict_lines(verdict, events, rho: float) -> List[str]:
+    """What the summary says about the genotype: how each slot was decided, and whether it is a decision at all."""
+    by_eq4 = sum(not e.forced for e in events)
+    lines = [f'{by_eq4} of {len(events)} slots fixed by Eq. 4 (rho {rho:g}), {len(events) - by_eq4} forced to their '
+             f'argmax at the end']
+    if not verdict.decided:
+        lines.append('UNDECIDED: the genotype is not a decision of the search: ' + '; '.join(verdict.reasons) +
+                     '. Raise --epochs (more steps), --arch-lr or --lr, or check the data, and search again.')
+    return lines
+
+
+def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, global_step, steps_per_epoch,
+           history, elapsed, train_set, meta_set, note: str = '', last_top1: Optional[float] = None) -> Dict:
+    genotype = model.genotype
+    events = sorted(search.fix_events, key=lambda e: e.slot)
+    rank_probabilities = dist_env.gather([e.probabilities for e in events])
+    if not dist_env.is_main:
+        return {}
+    events_out = [dict(asdict(e), epoch_float=e.step / steps_per_epoch) for e in events]
+    genotype_path = os.path.join(args.output, GENOTYPE_NAME)
+    summary = genotype.to_dict(
+        model=args.model, num_slots=model.num_slots, op_names=list(OP_NAMES),
+        probabilities=[e.probabilities for e in events],
+        fixed_step=[e.step for e in events], fixed_epoch=[e.epoch for e in events], forced=[e.forced for e in events],
+        all_fixed_at_epoch=None if any(e.forced for e in events) else max(e['epoch_float'] for e in events_out),
+        epochs_run=epochs_run, steps_run=global_step, search_time_s=round(elapsed, 2),
+        data=dict(data_dir=args.data_dir, dataset=args.dataset, train_split=args.train_split,
+                  train_images=len(train_set), meta_images=len(meta_set), num_classes=num_classes,
+                  bad_images_left_out=getattr(train_set, 'bad_images_left_out', 0),
+                  input_size=list(data_config['input_size'])),
+        seed=args.seed, world_size=dist_env.world_size, rank_probabilities=rank_probabilities, args=vars(args),
+    )
+    verdict = search_verdict(events, args.rho, num_classes, last_top1)
+    summary.update(decided=verdict.decided, undecided_reasons=verdict.reasons, undecided_slots=verdict.undecided_slots,
+                   final_top1=last_top1, arch_lr_used=search.config.arch_lr)
+    atomic_write_text(json.dumps(summary, indent=2), genotype_path)
+    command = retrain_command(args, genotype_path, num_classes, data_config, dist_env.device)
+    atomic_write_text(command + '\n' + (f'# {note}\n' if note else ''), os.path.join(args.output, RETRAIN_NAME))
+    plotted = plot_search(history, events_out, OP_NAMES, model.num_slots, os.path.join(args.output, PLOT_NAME),
+                          title=f'PMPL search of {args.model}')
+    print(f'Genotype: {genotype}' + ('' if verdict.decided else ' (UNDECIDED)'), flush=True)
+    for line in verdict_lines(verdict, events, args.rho):
+        print(line, flush=True)
+    print(f'Wrote {genotype_path}, {LOG_NAME}, {CHECKPOINT_NAME}' + (f', {PLOT_NAME}' if plotted else
+          ' (no plot: pip install matplotlib)') + f' in {args.output}', flush=True)
+    print(f'Retrain with timm (train.py from the timm repository):\n  {command}', flush=True)
+    if note:
+        print(f'  ({note})', flush=True)
+    return summary
