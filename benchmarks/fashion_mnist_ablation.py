@@ -17,7 +17,6 @@ benchmarks/results/fashion_mnist_cpu.
 Finished runs are cached in --work-dir, so an interrupted run continues where it stopped.
 """
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -41,8 +40,8 @@ from train_hooks.distributed import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_speed import count_macs, infer_step, time_interleaved  # noqa: E402
+from fashion_mnist_table3 import prepare_data  # noqa: E402  (Debian's Fashion-MNIST, unpacked for torchvision)
 
-DEBIAN_DIR = '/usr/share/datasets/fashion-mnist'
 MEAN, STD = (0.2860,), (0.3530,)
 PAPER_TOP1 = {'MobileNetV2 (all skip)': 72.3, 'Local (all avg3)': 71.6, 'Global (all global)': 74.3,
               'Random (random:0)': 73.4, 'PMPL (searched)': 74.6}
@@ -53,22 +52,6 @@ CONFIGS = {
                  search_lr=0.05, arch_lr=3e-4, retrain_images=None, retrain_epochs=60, lr=0.05, seeds=[0, 1, 2],
                  workers=8, threads=None),
 }
-
-
-def prepare_data(root: str) -> str:
-    """Fashion-MNIST from Debian's package, unpacked where torchvision's FashionMNIST (timm 'torch/fashion_mnist')
-    looks for it. Nothing is downloaded."""
-    raw = os.path.join(root, 'FashionMNIST', 'raw')
-    names = ['train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
-    if all(os.path.exists(os.path.join(raw, n)) for n in names):
-        return root
-    if not os.path.isdir(DEBIAN_DIR):
-        raise SystemExit(f'error: {DEBIAN_DIR} not found; install it with: apt-get install -y dataset-fashion-mnist')
-    os.makedirs(raw, exist_ok=True)
-    for name in names:
-        with gzip.open(os.path.join(DEBIAN_DIR, name + '.gz'), 'rb') as src, open(os.path.join(raw, name), 'wb') as dst:
-            shutil.copyfileobj(src, dst)
-    return root
 
 
 def run_search(cfg: Dict, data_root: str, out: str, early_stop: bool, device: str) -> Dict:

@@ -47,12 +47,8 @@ def load_base_weights(model: nn.Module, source: str) -> List[str]:
         if key in state and key in own and state[key].shape != own[key].shape:
             del state[key]
             kept.append(key)
-    shared = [k for k in own if k not in kept and k != GENOTYPE_STATE_KEY]
-    missing = [k for k in shared if k not in state]
-    unexpected = [k for k in state if k not in own]
-    resized = [k for k in shared if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or resized:
-        detail = describe_key_mismatch(missing, unexpected, resized)
+    detail = describe_key_mismatch({k: v for k, v in own.items() if k not in kept and k != GENOTYPE_STATE_KEY}, state)
+    if detail:
         raise ValueError(f'{source!r} does not fit the base model of this Meta-Pooling model ({detail}): give the '
                          f'weights of the timm model it was built from, with the same width and input channels.')
     model.load_state_dict(state, strict=False)

@@ -47,11 +47,8 @@ def check_loads_as_built(model: nn.Module, model_name: str) -> None:
     state = model.state_dict()
     with torch.device('meta'):
         built = timm.create_model(model_name, genotype=model.genotype, **infer_head(state)).state_dict()
-    missing = [k for k in built if k not in state]
-    unexpected = [k for k in state if k not in built]
-    reshaped = [k for k in built if k in state and built[k].shape != state[k].shape]
-    if missing or unexpected or reshaped:
-        detail = describe_key_mismatch(missing, unexpected, reshaped)
+    detail = describe_key_mismatch(built, state)
+    if detail:
         raise ValueError(f'The model\'s weights would not load into {model_name} built from its genotype ({detail}): '
                          f'export the model as timm.create_model builds it, not a features_only model, nor one '
                          f'rewritten by timm\'s reparameterize_model (its Global Context Enhancers\' BN is folded '

@@ -104,8 +104,12 @@ def check_genotype_codes(
                                     f'{_fix_hint(stored_codes, own)}')
 
 
-def describe_key_mismatch(missing: Sequence[str], unexpected: Sequence[str], reshaped: Sequence[str]) -> str:
-    """'missing: a, b, c, ...; unexpected: ...' for the kinds of key mismatch present (three keys of each)."""
+def describe_key_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """'missing: a, b, c, ...; unexpected: ...; other shapes: ...' for the ways `given` does not fit the keys and
+    shapes of `expected` (three keys of each), or '' when it fits."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    reshaped = [k for k in expected if k in given and given[k].shape != expected[k].shape]
     return '; '.join(f'{what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}' for what, keys in
                      (('missing', missing), ('unexpected', unexpected), ('other shapes', reshaped)) if keys)
 
