@@ -21,14 +21,13 @@ __all__ = [
 ]
 
 # Up to these map sizes the enhancer's reductions and broadcasts run as GEMMs with constant 0/1 matrices over flat
-# (N * C, H * W) rows: on CPU an op over rows of a few elements is dominated by per-row overhead (a 2x2 map: ~20x
-# slower than flat), while on large maps the GEMM's H + W multiplies per element cost more than a pass. Measured on a
-# 2-core x86 CPU (fwd+bwd and batch-1 inference): the means gain up to 16x16, the gate product only up to 8x8.
+# (N * C, H * W) rows: on CPU an op over rows of a few elements is dominated by per-row overhead, while on large maps
+# the GEMM's H + W multiplies per element cost more than a pass (crossovers: docs/performance.md).
 _GEMM_MEANS_MAX_AREA = 256
 _FLAT_GATES_MAX_AREA = 64
 # Above this map size the gate gradients are batched mat-vec products over the (H, W) planes, which read the shared
-# product once and write nothing full-size (2x to 4x faster at 28x28 and 56x56 on the same CPU); at 16x16 and below
-# the per-plane cost of the batched GEMM loses to a broadcast multiply and a reduction.
+# product once and write nothing full-size; on smaller maps the per-plane cost of the batched GEMM loses to a
+# broadcast multiply and a reduction.
 _PLANE_GEMV_MIN_AREA = 256
 
 
@@ -236,14 +235,13 @@ def _apply_gates_eager(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) ->
         return x * a_h * a_w
     if torch.is_grad_enabled() and (x.requires_grad or a_h.requires_grad or a_w.requires_grad):
         return _ApplyGates.apply(x, a_h, a_w)
-    return _gated(x, a_h, a_w)  # inference: skip the autograd.Function call overhead (~25 us per slot)
+    return _gated(x, a_h, a_w)  # inference: skip the autograd.Function call overhead
 
 
 @torch.jit.unused
 def _column_gates_pay_off(like: torch.Tensor) -> bool:
     """Whether the enhancer's gates come from column GEMMs (`GlobalContextEnhancer._gates_by_columns`): eager
-    inference on NCHW maps. Not under torch.compile, whose code for the rows fused better (the all-global model's
-    compiled batch-1 time: 1.29x the baseline's with columns, 1.20x with rows, one A/B)."""
+    inference on NCHW maps. Not under torch.compile, whose code for the rows fuses better."""
     return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and like.is_contiguous()
 
 
@@ -253,8 +251,7 @@ def _pointwise_on_columns(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
 
 
 
-# Measured crossover (fwd and fwd+bwd, batch 1 to 8, kernels 3 to 7): the pool wins below ~6k elements, the conv
-# from ~8k.
+# Where the box-kernel conv overtakes avg_pool2d on CPU (fwd and fwd+bwd; docs/performance.md).
 _BOX_FILTER_MIN_NUMEL = 8192
 
 
@@ -262,9 +259,9 @@ def same_size_avg_pool(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Stride-1 average pooling with zero padding counted (`avgK`): `F.avg_pool2d(x, k, 1, k // 2)`.
 
     On CPU, maps of at least `_BOX_FILTER_MIN_NUMEL` elements run as a depthwise conv with a constant box kernel,
-    the same sums: PyTorch's CPU `avg_pool2d` and its backward measured 3x to 15x slower than oneDNN's depthwise
-    conv at MobileNetV2's expanded shapes (2-core x86). Smaller maps keep `avg_pool2d`: there the conv's fixed cost
-    (~0.1 ms a call, 0.3 ms with its backward) is the larger one.
+    the same sums: PyTorch's CPU `avg_pool2d` and its backward are several times slower than oneDNN's depthwise
+    conv at MobileNetV2's expanded shapes. Smaller maps keep `avg_pool2d`: there the conv's fixed cost per call is
+    the larger one.
     """
     if not _box_filter_pays_off(x):
         return F.avg_pool2d(x, kernel_size, 1, kernel_size // 2, count_include_pad=True)
@@ -280,8 +277,8 @@ def _box_filter_pays_off(x: torch.Tensor, min_numel: int = _BOX_FILTER_MIN_NUMEL
 
 def reachable_window(kernel_size: int, height: int, width: int) -> Tuple[int, int]:
     """The part of a centred k x k window that can reach an H x W map from inside it: min(k, 2H - 1) x
-    min(k, 2W - 1). Its other taps only ever meet padding, zeros for average pooling, so dropping them is exact;
-    oneDNN's depthwise conv with a kernel larger than the map was 30x to 100x slower than the cropped one."""
+    min(k, 2W - 1). Its other taps only ever meet padding, zeros for average pooling, so dropping them is exact, and
+    oneDNN's depthwise conv is far slower with a kernel larger than the map."""
     return min(kernel_size, 2 * height - 1), min(kernel_size, 2 * width - 1)
 
 
@@ -316,16 +313,15 @@ def autocast_off(device_type: str) -> ContextManager:
 
 def local_layout(x: torch.Tensor) -> torch.Tensor:
     """x in the layout local (pooling) terms run in: channels-last on CPU, where PyTorch's max pooling is vectorised
-    over channels only in that layout (in NCHW it and its backward measured 3x to 10x slower) and oneDNN's depthwise
-    conv and its backward are about 2x faster; unchanged elsewhere (x itself when already in it)."""
+    over channels only in that layout and oneDNN's depthwise conv and its backward are faster in it; unchanged
+    elsewhere (x itself when already in it)."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == 'cpu' else x
 
 
 def same_size_max_pool(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Stride-1 max pooling with -inf padding (`maxK`): `F.max_pool2d(x, k, 1, k // 2)`, in x's layout.
 
-    Pools in `local_layout` and converts an NCHW map back (fwd+bwd with both copies measured 2.7x faster for 3x3,
-    5x for 7x7 on CPU).
+    Pools in `local_layout` and converts an NCHW map back: faster on CPU than pooling in NCHW, copies included.
     """
     local_x = local_layout(x)
     pooled = F.max_pool2d(local_x, kernel_size, 1, kernel_size // 2)
@@ -338,8 +334,8 @@ class BoxMixtureConv(torch.autograd.Function):
     masks[m] is the (cropped) centred window of ones of a `skip` / `avgK` candidate, of side `sizes[m]`. Only the
     coefficients need a gradient, not the kernel: d/dcoeffs[m] = <grad, window sums of x>, one box-sum conv (a
     forward conv) and one dot product per candidate. Autograd would take the per-channel kernel gradient with
-    oneDNN's depthwise weight-gradient kernel and contract it with the masks: for a 7x7 kernel that measured 1.6x
-    (224 px maps) to 16x (a 7x7 map of 960 channels) slower on CPU, in either layout. When the coefficients need
+    oneDNN's depthwise weight-gradient kernel and contract it with the masks, which is slower on CPU in either
+    layout, most of all on small maps with many channels. When the coefficients need
     no gradient (alpha frozen, as in PMPL's weight pass), only x's gradient is computed.
     """
 
@@ -378,9 +374,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def chunked_dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """<a, b> of two dense same-layout tensors without a full-size product tensor.
 
-    A single BLAS dot accumulates millions of terms in one float32 sum (relative error ~3e-5 on a 112x112 batch);
-    dots of 256-element chunks (one bmm) whose partial sums are then added by torch's cascade summation are as
-    accurate as autograd's `(a * b).sum()` and about 3x faster than it.
+    A single BLAS dot accumulates millions of terms in one float32 sum and loses accuracy; dots of 256-element
+    chunks (one bmm) whose partial sums are then added by torch's cascade summation are as accurate as autograd's
+    `(a * b).sum()` and faster than it.
     """
     a, b = _flat(a), _flat(b)
     body = a.numel() // chunk * chunk

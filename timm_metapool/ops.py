@@ -91,16 +91,15 @@ class GlobalContextEnhancer(nn.Module):
         a_h = F.linear(y[:, :height], self.conv_h.weight.flatten(1), self.conv_h.bias).sigmoid()
         a_w = F.linear(y[:, height:], self.conv_w.weight.flatten(1), self.conv_w.bias).sigmoid()
         # Gates in the map's layout, so that broadcasting them runs along the map's innermost dimension (a small copy
-        # for NCHW, none for channels-last): a strided gate over the full map is up to 2x slower on CPU.
+        # for NCHW, none for channels-last): a strided gate over the full map is slower on CPU.
         return (laid_out_like(a_h.transpose(1, 2).unsqueeze(3), like),
                 laid_out_like(a_w.transpose(1, 2).unsqueeze(2), like))
 
     @torch.jit.unused
     def _gates_by_columns(self, z: torch.Tensor, height: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """NCHW gates without autograd: the point-wise maps as W @ z on (C, H + W) profile columns, whose outputs
-        are the gates' NCHW layout already (no transposing copies: 1% to 2% of the all-global model's batch-1 time on
-        CPU). Training keeps the rows: the weights' gradients through a batch of column GEMMs made the whole model's
-        step 1.14x slower at batch 128."""
+        are the gates' NCHW layout already (no transposing copies). Training keeps the rows: the weights' gradients
+        through a batch of column GEMMs are slower than through the rows."""
         y = _pointwise_on_columns(self.conv_reduce, z)
         y = self.act(self.bn(y.unsqueeze(3))).squeeze(3)  # BN statistics over batch and positions, as in the rows
         a_h = _pointwise_on_columns(self.conv_h, y[:, :, :height]).sigmoid_()
@@ -109,11 +108,10 @@ class GlobalContextEnhancer(nn.Module):
 
     def fuse(self) -> 'GlobalContextEnhancer':
         """The enhancer for inference, for timm's `reparameterize_model`: a copy with BN (its running statistics and
-        affine) folded into `conv_reduce` and replaced by `nn.Identity`, which removes a BN call per slot (with the
-        column GEMMs, 2% to 3% of the all-global model's batch-1 time on CPU, A/Bs in one run). The same outputs as
-        this enhancer in eval mode, up to float rounding; the fused copy has no `bn.*` state, so its weights no
-        longer load into a model built from a genotype (export the trained model, not the fused one). An enhancer
-        whose norm layer is not a BatchNorm with running statistics is copied unchanged.
+        affine) folded into `conv_reduce` and replaced by `nn.Identity`, which removes a BN call per slot. The same
+        outputs as this enhancer in eval mode, up to float rounding; the fused copy has no `bn.*` state, so its
+        weights no longer load into a model built from a genotype (export the trained model, not the fused one). An
+        enhancer whose norm layer is not a BatchNorm with running statistics is copied unchanged.
         """
         fused = copy.deepcopy(self)
         bn = self.bn
