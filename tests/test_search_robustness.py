@@ -144,6 +144,10 @@ def test_damaged_checkpoint_names_what_it_lacks(data_dir, tmp_path):
     torch.save(state, damaged)
     with pytest.raises(SystemExit, match=f"{damaged}.* damaged search checkpoint: it lacks log_rows"):
         main(['--resume', str(damaged)])
+    state['log_rows'], state['epoch'] = [], 'one'
+    torch.save(state, damaged)
+    with pytest.raises(SystemExit, match=f"{damaged}.* damaged search checkpoint: epoch has the wrong type"):
+        main(['--resume', str(damaged)])
 
 
 def test_an_interrupted_export_leaves_nothing_after_the_next_one(tmp_path):

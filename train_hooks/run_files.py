@@ -23,8 +23,9 @@ LOG_NAME, GENOTYPE_NAME, PLOT_NAME, CHECKPOINT_NAME, RETRAIN_NAME = (
     'search_log.csv', 'genotype.json', 'search.png', 'last.pth', 'retrain_command.txt')
 
 
-_CHECKPOINT_KEYS = ('model', 'num_slots', 'epoch', 'global_step', 'state_dict', 'search', 'log_rows', 'history',
-                    'elapsed_s', 'args', 'num_classes')
+# Every entry a resume reads, with the type it must have.
+_CHECKPOINT_TYPES = dict(model=str, num_slots=int, epoch=int, global_step=int, state_dict=dict, search=dict,
+                         log_rows=list, history=list, elapsed_s=(int, float), args=dict, num_classes=int)
 
 
 RUN_OUTPUTS = (LOG_NAME, GENOTYPE_NAME, PLOT_NAME, CHECKPOINT_NAME, RETRAIN_NAME)
@@ -82,10 +83,13 @@ def load_resume_state(args: argparse.Namespace) -> Optional[Dict]:
                          f'torch.load(weights_only=True), which refuses pickled code): {e}')
     if not isinstance(state, dict) or state.get('format_version') != CHECKPOINT_FORMAT or 'search' not in state:
         raise SystemExit(f'error: {args.resume!r} is not a PMPL search checkpoint (OUTPUT/{CHECKPOINT_NAME}).')
-    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise SystemExit(f"error: {args.resume!r} is a damaged search checkpoint: it lacks {', '.join(missing)}. "
-                         f"Start a new search, or restore the file from a copy.")
+    missing = [key for key in _CHECKPOINT_TYPES if key not in state]
+    mistyped = [key for key, kind in _CHECKPOINT_TYPES.items() if key in state and not isinstance(state[key], kind)]
+    if missing or mistyped:
+        problems = ([f"it lacks {', '.join(missing)}"] if missing else []) + (
+            [f"{', '.join(mistyped)} {'has' if len(mistyped) == 1 else 'have'} the wrong type"] if mistyped else [])
+        raise SystemExit(f"error: {args.resume!r} is a damaged search checkpoint: {'; '.join(problems)}. Start a new "
+                         f"search, or restore the file from a copy.")
     try:
         check_weights_checksum(state.get('state_dict', {}), state.get('weights_sha256'), args.resume)
     except ValueError as e:
