@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Type
 
 from torch import nn
 
+from timm.models._efficientnet_builder import _init_weight_goog
 from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3, MobileNetV3Features
 
@@ -83,10 +84,17 @@ def slot_blocks(model: nn.Module) -> List[nn.Module]:
 
 
 def create_slot(channels: int, op_name: Optional[str] = None, device=None, dtype=None) -> nn.Module:
-    """One slot's module: a `MetaPooling` over every candidate (Eq. 1) when `op_name` is None, else that op."""
-    if op_name is None:
-        return MetaPooling(channels, op_names=OP_NAMES, device=device, dtype=dtype)
-    return create_op(op_name, channels, device=device, dtype=dtype)
+    """One slot's module: a `MetaPooling` over every candidate (Eq. 1) when `op_name` is None, else that op.
+
+    Its layers are initialised as timm initialises every layer of its inverted-residual networks
+    (`_init_weight_goog`), which the slot would have had if timm had built it: with PyTorch's default init the Global
+    Context Enhancers of a search at small batches and 1x1 maps overflowed float32 in the first steps.
+    """
+    slot = (MetaPooling(channels, op_names=OP_NAMES, device=device, dtype=dtype) if op_name is None else
+            create_op(op_name, channels, device=device, dtype=dtype))
+    for name, module in slot.named_modules():
+        _init_weight_goog(module, name)
+    return slot
 
 
 def add_meta_pooling(model: nn.Module, genotype: Optional[GenotypeLike] = None) -> nn.Module:
