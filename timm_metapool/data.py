@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose
 
-__all__ = ['dataset_targets', 'dataset_class_names', 'sample_ids', 'split_fingerprint', 'BadImageError',
+__all__ = ['dataset_targets', 'dataset_class_names', 'sample_files', 'sample_ids', 'split_fingerprint', 'BadImageError',
            'sample_location', 'stratified_split', 'ConvertImageMode', 'stored_image_mode',
            'DatasetSplit', 'DEMO_CLASSES', 'DEMO_SQUARE_SIDES', 'generate_demo_dataset']
 
@@ -107,14 +107,22 @@ def stored_image_mode(dataset: Any) -> Optional[str]:
     return image.mode if isinstance(image, Image.Image) else None
 
 
+def sample_files(dataset: Any) -> Optional[List[str]]:
+    """The file of every sample when the dataset's reader lists (file, class) pairs (timm's folder and tar readers),
+    else None (torchvision and hfds datasets)."""
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if not samples or not isinstance(samples[0], (tuple, list)) or len(samples[0]) != 2:
+        return None
+    return [str(path) for path, _ in samples]
+
+
 def sample_ids(dataset: Any, root: Optional[str] = None) -> List[str]:
-    """One id per sample, read from the dataset's index: its file path (relative to `root`) and class for timm's
-    folder/tar readers, else its position and class. What a split fingerprint is made of."""
-    reader = getattr(dataset, 'reader', None)
-    samples = getattr(reader, 'samples', None)
-    if samples is not None and all(isinstance(s, (tuple, list)) and len(s) == 2 for s in samples[:1]):
-        return [f'{os.path.relpath(str(p), root) if root else p}:{int(t)}' for p, t in samples]
-    return [f'{i}:{t}' for i, t in enumerate(dataset_targets(dataset))]
+    """One id per sample, read from the dataset's index: its file (relative to `root`) and class where the reader
+    lists files, else its position and class. What a split fingerprint is made of."""
+    files, targets = sample_files(dataset), dataset_targets(dataset)
+    if files is None:
+        return [f'{i}:{t}' for i, t in enumerate(targets)]
+    return [f'{os.path.relpath(f, root) if root else f}:{t}' for f, t in zip(files, targets)]
 
 
 def split_fingerprint(train: 'DatasetSplit', meta: 'DatasetSplit', root: Optional[str] = None) -> str:
@@ -176,11 +184,9 @@ class BadImageError(RuntimeError):
 
 
 def sample_location(dataset: Any, index: int) -> str:
-    """The file of sample `index` when the dataset's reader knows it, else its index."""
-    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
-    if samples is not None and index < len(samples) and isinstance(samples[index], (tuple, list)):
-        return str(samples[index][0])
-    return f'#{index}'
+    """The file of sample `index` when the dataset's reader knows it, else its index (for error messages)."""
+    files = sample_files(dataset)
+    return files[index] if files is not None and index < len(files) else f'#{index}'
 
 
 DEMO_SQUARE_SIDES: Tuple[int, ...] = (4, 7, 10, 14, 19, 25)

@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 from PIL import Image
 
+from timm_metapool.data import sample_files
+
 __all__ = ['CHECK_MODES', 'image_problem', 'find_bad_images', 'sample_paths']
 
 CHECK_MODES = ('header', 'decode', 'off')
@@ -36,11 +38,10 @@ def image_problem(path: str, decode: bool = False) -> Optional[str]:
 
 
 def sample_paths(dataset) -> Optional[List[str]]:
-    """The file path of every sample of a timm folder dataset, or None for datasets not read from files."""
-    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
-    if not samples or not isinstance(samples[0], (tuple, list)) or not os.path.isfile(str(samples[0][0])):
-        return None
-    return [str(path) for path, _ in samples]
+    """The file path of every sample of a timm folder dataset, or None for datasets not read from files on disk
+    (a tar reader's members are checked by timm when read)."""
+    files = sample_files(dataset)
+    return files if files and os.path.isfile(files[0]) else None
 
 
 def find_bad_images(
