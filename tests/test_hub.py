@@ -227,6 +227,16 @@ def test_local_dir_with_truncated_weights_is_a_clear_error(work, export_dir):
         timm.create_model(f'local-dir:{damaged}', pretrained=True)
 
 
+def test_local_dir_with_truncated_config_names_the_file(work, export_dir):
+    damaged = work / 'truncated_config'
+    shutil.copytree(export_dir, damaged)
+    config = damaged / 'config.json'
+    config.write_bytes(config.read_bytes()[:60])
+    # timm's own error type is kept (callers that catch it still do); the message names the file and the fix.
+    with pytest.raises(json.JSONDecodeError, match=f'(?s)Cannot read {config}: it is not valid JSON.*Export the folder'):
+        timm.create_model(f'local-dir:{damaged}', pretrained=True)
+
+
 @pytest.mark.parametrize('damage', ['truncate', 'header'])
 def test_damaged_safetensors_is_a_clear_error(work, export_dir, damage):
     path = work / f'{damage}.safetensors'

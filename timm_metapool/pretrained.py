@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
+import timm.models._hub as timm_hub
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME, hf_split
 from timm.models._pretrained import PretrainedCfg
@@ -20,7 +21,7 @@ from .integrity import GenotypeMismatchError, first_slot_difference
 __all__ = [
     'PRETRAINED_TAGS', 'SAFETENSORS_GENOTYPE_KEY', 'SAFETENSORS_CHECKSUM_KEY', 'GenotypeMismatchError',
     'first_genotype_difference', 'local_weights_file', 'read_safetensors_metadata', 'read_safetensors_genotype',
-    'check_weights_genotype', 'resolve_pretrained_genotype',
+    'check_weights_genotype', 'resolve_pretrained_genotype', 'ConfigFileError', 'name_config_file_in_errors',
 ]
 
 # The one place that lists pretrained weights, 'arch.tag' -> where they are (`hf_hub_id`); only tags whose files
@@ -115,6 +116,43 @@ def _genotype_from_config_file(path: str, repo_id: str) -> str:
         raise ValueError(f"config.json of {repo_id!r} has no model_args.genotype: it was not exported by "
                          f"timm_metapool. {_INSTEAD}")
     return genotype
+
+
+class ConfigFileError(json.JSONDecodeError):
+    """A `config.json` that is not valid JSON, with the file's path and the fix in the message.
+
+    A subclass of `json.JSONDecodeError` (so of `ValueError`), so code that catches timm's own error still does.
+    """
+
+    def __init__(self, path: str, error: json.JSONDecodeError):
+        super().__init__(error.msg, error.doc, error.pos)
+        self.path = path
+        self.detail = str(error)
+
+    def __str__(self) -> str:
+        return (f'Cannot read {self.path}: it is not valid JSON ({self.detail}); the file is truncated or damaged. '
+                f'Export the folder again (timm-metapool-publish), copy it again, or for hf-hub: delete it from the '
+                f'Hub cache so that it is downloaded again.')
+
+
+def name_config_file_in_errors() -> None:
+    """Make timm's `config.json` reader (used by `local-dir:` and `hf-hub:`) name the file when it is not valid JSON.
+
+    timm parses the file before any model code runs, and its bare `JSONDecodeError` names neither the file nor the
+    fix. Wraps `timm.models._hub.load_cfg_from_json` once; every other behaviour, and the error's type, stay timm's.
+    """
+    original = timm_hub.load_cfg_from_json
+    if getattr(original, 'names_config_file', False):
+        return
+
+    def load_cfg_from_json(json_file):
+        try:
+            return original(json_file)
+        except json.JSONDecodeError as e:
+            raise ConfigFileError(str(json_file), e) from None
+
+    load_cfg_from_json.names_config_file = True
+    timm_hub.load_cfg_from_json = load_cfg_from_json
 
 
 def _no_weights(variant: str) -> RuntimeError:
