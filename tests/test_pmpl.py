@@ -8,7 +8,9 @@ import torch.nn.functional as F
 import timm
 
 from timm_metapool import OP_NAMES
-from timm_metapool.pmpl import InvalidSetting, PMPLConfig, PMPLSearch, confident_argmax, fix_confident_slots
+from timm_metapool.pmpl import (
+    InvalidSetting, PMPLConfig, PMPLSearch, confident_argmax, fix_confident_slots, zero_init_classifier,
+)
 
 
 def softmax_by_hand(alpha):
@@ -195,6 +197,20 @@ def test_float16_overflow_skips_the_whole_iteration():
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any(n.endswith('arch_alpha') for n in changed) and any(not n.endswith('arch_alpha') for n in changed)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zero_init_classifier_starts_the_search_at_uniform_class_probabilities():
+    """The first step's train loss is ln C exactly (every logit 0), where timm's classifier init is far from it."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv2_metapool_035', num_classes=4)
+    timm_init_loss = PMPLSearch(copy.deepcopy(model), PMPLConfig(lr=0.01)).step(_batch(1), _batch(2)).train_loss
+    zero_init_classifier(model)
+    stats = PMPLSearch(model, PMPLConfig(lr=0.01)).step(_batch(1), _batch(2))
+    assert stats.train_loss == pytest.approx(math.log(4), abs=1e-6)
+    assert abs(timm_init_loss - math.log(4)) > 0.5
+    assert model.get_classifier().weight.abs().sum() > 0  # the classifier then learns from the first step
+    with pytest.raises(TypeError, match='num_classes=0 has none'):
+        zero_init_classifier(timm.create_model('mobilenetv2_metapool_035', num_classes=0))
 
 
 def test_search_refuses_a_model_without_enhancer_slots():

@@ -1,4 +1,5 @@
 """The search driver end to end on the generated dataset: outputs, resume after a kill, torchrun, bad input."""
+import argparse
 import csv
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import timm
+from timm.utils import ParseKwargs
 from torchvision.datasets import FakeData
 from torchvision.transforms import ToTensor
 from PIL import Image
@@ -331,6 +333,26 @@ def test_batches_and_samples_too_small_for_the_data_name_their_flag(data_dir, tm
     with pytest.raises(SystemExit, match=message):
         main(search_args(data_dir, tmp_path / 'out', *extra))
     assert not (tmp_path / 'out').exists()
+
+
+def test_output_stride_builds_the_search_and_the_retrain_with_dilated_last_stages(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    main(search_args(data_dir, out, '--epochs', '1', '--output-stride', '16'))
+    argv = shlex.split((out / 'retrain_command.txt').read_text())
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)  # as timm's train.py parses it
+    kwargs = parser.parse_known_args(argv)[0].model_kwargs
+    assert kwargs['output_stride'] == 16
+    model = timm.create_model('mobilenetv2_metapool_035', num_classes=len(DEMO_CLASSES), **kwargs).eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.zeros(1, 3, 32, 32)).shape[-1] == 2  # 32 px / 16; stride 32 gives 1
+    model.load_state_dict(torch.load(out / 'last.pth', weights_only=False)['state_dict'])
+    resume = ['--resume', str(out / 'last.pth'), '--epochs', '2']
+    with pytest.raises(SystemExit, match='--output-stride 8 differs from the run being resumed, which was searched '
+                                         'with 16'):
+        main(resume + ['--output-stride', '8'])
+    main(resume)
+    assert json.loads((out / 'genotype.json').read_text())['args']['output_stride'] == 16
 
 
 def test_resume_keeps_what_makes_the_model_and_the_split(data_dir, tmp_path):

@@ -25,7 +25,7 @@ from .ops import op_name_of
 
 __all__ = [
     'PMPLConfig', 'InvalidSetting', 'FixEvent', 'StepStats', 'PMPLSearch', 'confident_argmax', 'fix_confident_slots',
-    'prune_optimizer', 'build_optimizers',
+    'prune_optimizer', 'build_optimizers', 'zero_init_classifier',
 ]
 
 
@@ -111,6 +111,23 @@ class InvalidSetting(ValueError):
     def __init__(self, name: str, rule: str, value):
         super().__init__(f'{name} must be {rule}, got {value}.')
         self.name, self.rule, self.value = name, rule, value
+
+
+def zero_init_classifier(model: nn.Module) -> None:
+    """Start the classifier at zero, so that the search starts from uniform class probabilities (loss ln C).
+
+    timm draws classifier weights from U(+-1/sqrt(num_classes)), scaled for ImageNet's 1000 classes; with a few
+    classes and train-mode BatchNorm the first logits reach several units, the first meta gradients reflect a
+    saturated softmax rather than the task, and Eq. 4 fixes slots on that noise in the first steps.
+    """
+    classifier = model.get_classifier()
+    if not isinstance(classifier, nn.Linear):
+        raise TypeError(f'zero_init_classifier needs a Linear classifier, got {type(classifier).__name__} '
+                        f'(num_classes=0 has none to start).')
+    with torch.no_grad():
+        classifier.weight.zero_()
+        if classifier.bias is not None:
+            classifier.bias.zero_()
 
 
 def build_optimizers(model: MetaPoolingMixin, config: PMPLConfig) -> Tuple[torch.optim.SGD, torch.optim.Adam]:

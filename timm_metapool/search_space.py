@@ -69,6 +69,10 @@ class MetaPoolingMixin:
         """softmax(alpha) per slot (detached); None for a slot that holds a fixed op without logits."""
         return [s.probabilities().detach() if isinstance(s, MetaPooling) else None for s in self.enhancer_slots()]
 
+    def slot_probability_lists(self, digits: int = 6) -> List[Optional[List[float]]]:
+        """`slot_probabilities` as rounded floats (for logs, plots and JSON)."""
+        return [None if p is None else [round(float(v), digits) for v in p] for p in self.slot_probabilities()]
+
     @property
     def genotype(self) -> Optional[Genotype]:
         """The architecture once every slot is fixed, else None (use `derive_genotype()` mid-search)."""

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .search_report import snapshot_probabilities
 
 
 def seed_everything(seed: int) -> None:
@@ -75,7 +74,7 @@ def check_ranks_agree(model, dist_env: Distributed, epoch: int) -> None:
     """Every rank must hold the same alpha and the same fixed slots; anything else is a bug worth stopping for."""
     if not dist_env.enabled:
         return
-    mine = (tuple(model.derive_genotype()), tuple(model.open_slots()), snapshot_probabilities(model))
+    mine = (tuple(model.derive_genotype()), tuple(model.open_slots()), model.slot_probability_lists())
     everyone = dist_env.gather(mine)
     if any(other != everyone[0] for other in everyone):
         raise RuntimeError(f'Ranks disagree on alpha or fixed slots after epoch {epoch}: '

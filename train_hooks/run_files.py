@@ -111,13 +111,17 @@ def check_same_split(args: argparse.Namespace, state: Dict, split: Dict) -> None
 
 def check_resumed_model(args: argparse.Namespace, state: Dict, in_chans: int) -> None:
     """The resumed checkpoint's weights fit the model these arguments build (`in_chans` input channels):
-    architecture, classes, channels."""
+    architecture, classes, output stride, channels."""
     if state['model'] != args.model:
         raise SystemExit(f"error: {args.resume!r} is a search of {state['model']} with {state['num_slots']} slots, "
                          f"not of --model {args.model}; pass --model {state['model']} or drop --model.")
     if args.num_classes is not None and args.num_classes != state['num_classes']:
         raise SystemExit(f"error: --num-classes {args.num_classes} differs from the run being resumed, which has "
                          f"{state['num_classes']}; drop --num-classes to continue it.")
+    searched_stride = state['args'].get('output_stride', args.output_stride)  # absent: saved before the flag existed
+    if args.output_stride != searched_stride:
+        raise SystemExit(f'error: --output-stride {args.output_stride} differs from the run being resumed, which was '
+                         f'searched with {searched_stride}; drop --output-stride to continue it.')
     trained_channels = state['state_dict']['conv_stem.weight'].shape[1]
     if in_chans != trained_channels:
         raise SystemExit(f'error: the run being resumed takes {trained_channels}-channel inputs, not '

@@ -26,7 +26,7 @@ import timm_metapool  # noqa: F401  (registers the models)
 from timm_metapool.base_weights import load_base_weights
 from timm_metapool.data import BadImageError, generate_demo_dataset, split_fingerprint
 from timm_metapool.decision import budget_shortfall
-from timm_metapool.pmpl import PMPLSearch
+from timm_metapool.pmpl import PMPLSearch, zero_init_classifier
 from timm_metapool.pmpl_loop import EpochTotals, run_pmpl
 
 from .distributed import Distributed, check_ranks_agree, seed_everything
@@ -35,10 +35,11 @@ from .run_files import (
     merge_resumed_args, removed_if_nothing_saved, save_checkpoint, write_log_csv,
 )
 from .search_args import (
-    build_parser, candidate_count, check_args, explicit_arg_names, input_channels, pmpl_config, resolve_arch_lr,
+    build_parser, candidate_count, check_args, explicit_arg_names, input_channels, model_kwargs, pmpl_config,
+    resolve_arch_lr,
 )
 from .search_data import make_datasets, make_loaders, unconverted_by_train_py
-from .search_report import progress_bar, epoch_row, final_top1, finish, snapshot_probabilities
+from .search_report import progress_bar, epoch_row, final_top1, finish
 
 __all__ = ['main', 'run']
 
@@ -102,7 +103,8 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
                          f'split; leave it out to use the dataset\'s count.')
     seed_everything(args.seed)
     model = timm.create_model(args.model, num_classes=num_classes, in_chans=input_channels(args),
-                              drop_path_rate=args.drop_path)
+                              drop_path_rate=args.drop_path, **model_kwargs(args))
+    fresh = None  # every tensor as initialised, or (--init-weights) the keys the base weights left so
     if args.init_weights and resume_state is None:  # a resumed search restores its own weights
         try:
             fresh = load_base_weights(model, args.init_weights)
@@ -110,6 +112,9 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
             raise SystemExit(f'error: --init-weights: {e}')
         log(f'Shared layers loaded from {args.init_weights}; {len(fresh)} tensors keep their initialisation (the '
             f'enhancer slots\' own, and a classifier of another class count).')
+    classifier_weight = f"{model.pretrained_cfg.get('classifier')}.weight"
+    if resume_state is None and args.head_init == 'zero' and (fresh is None or classifier_weight in fresh):
+        zero_init_classifier(model)
     data_config = resolve_data_config(vars(args), model=model)
     model.to(dist_env.device)
     if args.channels_last:
@@ -169,7 +174,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
 
     def on_step(step: int, epoch: int, stats, totals: EpochTotals) -> None:
         if stats.fixed or step % args.history_interval == 0:
-            history.append({'epoch': step / steps_per_epoch, 'probabilities': snapshot_probabilities(model)})
+            history.append({'epoch': step / steps_per_epoch, 'probabilities': model.slot_probability_lists()})
         for event in stats.fixed:
             log(f'  step {step}: slot {event.slot} fixed to {event.op_name} (pi={max(event.probabilities):.3f})')
         if bar is not None:
@@ -188,7 +193,7 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
             asdict(totals), ('train_loss', 'meta_loss', 'train_correct', 'meta_correct', 'n', 'meta_n'))
         row = epoch_row(epoch, step, search.lr, sums, model, time.time() - epoch_start, elapsed)
         log_rows.append(row)
-        history.append({'epoch': step / steps_per_epoch, 'probabilities': snapshot_probabilities(model)})
+        history.append({'epoch': step / steps_per_epoch, 'probabilities': model.slot_probability_lists()})
         log(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.2f} | meta loss "
             f"{row['meta_loss']:.4f} top1 {row['meta_top1']:.2f} | fixed {row['slots_fixed']}/{model.num_slots} | "
             f"{row['epoch_time_s']:.1f}s" + (f" | {sums['skipped']} steps skipped (float16 overflow; the GradScaler "

@@ -2,7 +2,7 @@
 message that names the flag and the fix."""
 import argparse
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -71,10 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument('--no-aug', action='store_true')
     search = parser.add_argument_group('PMPL (defaults: paper Sec. 3.1)')
     search.add_argument('--model', default='mobilenetv2_metapool_100')
+    search.add_argument('--output-stride', type=int, default=None, choices=(8, 16, 32),
+                        help="timm's output_stride: the last stages dilate instead of striding, so the later enhancer "
+                             "slots see larger maps (where pooling windows of different sizes stay different "
+                             "functions); default: the model's own (32)")
     search.add_argument('--init-weights', default=None, metavar='PATH_OR_TIMM_TAG',
                         help='start the shared layers from the base timm model\'s weights: a .pth or .safetensors '
                              'state_dict, or a timm pretrained tag (e.g. mobilenetv2_100.ra_in1k); a classifier of '
                              'another class count starts fresh')
+    search.add_argument('--head-init', default='zero', choices=('zero', 'timm'),
+                        help="the classifier a new search starts from: 'zero' (uniform class probabilities; "
+                             "timm_metapool.pmpl.zero_init_classifier) or timm's own init; a classifier loaded by "
+                             "--init-weights is kept")
     search.add_argument('--epochs', type=int, default=30, help='at most this many epochs; ends once all are fixed')
     search.add_argument('--batch-size', '-b', type=int, default=128,
                         help='global batch: under torchrun each process takes an equal share')
@@ -129,6 +137,12 @@ def _require(in_range: bool, flag: str, rule: str, value) -> None:
 
 def flag_value(args: argparse.Namespace, flag: str):
     return getattr(args, flag[2:].replace('-', '_'))
+
+
+def model_kwargs(args: argparse.Namespace) -> Dict:
+    """Architecture kwargs for `timm.create_model` beyond the model name, classes and channels (the retrain command
+    passes the same ones through train.py's --model-kwargs)."""
+    return {} if getattr(args, 'output_stride', None) is None else dict(output_stride=args.output_stride)
 
 
 def input_channels(args: argparse.Namespace) -> int:

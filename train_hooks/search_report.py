@@ -11,12 +11,9 @@ import torch
 from timm_metapool.decision import search_verdict
 from timm_metapool.ops import OP_NAMES
 
+from .search_args import model_kwargs
 from .run_files import CHECKPOINT_NAME, GENOTYPE_NAME, LOG_NAME, PLOT_NAME, RETRAIN_NAME, atomic_write_text
 from .search_plot import plot_search
-
-
-def snapshot_probabilities(model) -> List[Optional[List[float]]]:
-    return [None if p is None else [round(float(v), 6) for v in p] for p in model.slot_probabilities()]
 
 
 def retrain_command(args, genotype_path: str, num_classes: int, data_config, device: torch.device) -> str:
@@ -27,7 +24,8 @@ def retrain_command(args, genotype_path: str, num_classes: int, data_config, dev
     parts = [
         'python train.py', f'--data-dir {quote(data)}', f'--dataset {quote(args.dataset)}' if args.dataset else '',
         '--device-modules timm_metapool', f'--model {args.model}',
-        f'--model-kwargs {quote("genotype=" + genotype_path)}',
+        '--model-kwargs ' + ' '.join(quote(f'{k}={v}') for k, v in dict(genotype=genotype_path,
+                                                                         **model_kwargs(args)).items()),
         f'--train-split {quote(args.train_split)}' if args.train_split != 'train' else '',
         f'--num-classes {num_classes}', f"--input-size {' '.join(map(str, data_config['input_size']))}",
         # the normalisation and image mode the genotype was searched with, which train.py would not derive
@@ -54,7 +52,7 @@ def epoch_row(epoch: int, step: int, lr: float, sums: Dict, model, epoch_time: f
         slots_fixed=model.num_slots - len(model.open_slots()), epoch_time_s=round(epoch_time, 3),
         elapsed_s=round(elapsed, 3),
     )
-    for slot, probabilities in enumerate(snapshot_probabilities(model)):
+    for slot, probabilities in enumerate(model.slot_probability_lists()):
         for name, value in zip(OP_NAMES, probabilities or [float('nan')] * len(OP_NAMES)):
             row[f'pi_{slot}_{name}'] = value
     return row
