@@ -75,8 +75,10 @@ class Recipe:
     weight_decay: float = 4e-5
     warmup_epochs: int = 1
     smoothing: float = 0.1
-    scale: Tuple[float, float] = (0.7, 1.0)
+    scale: Tuple[float, float] = (0.7, 1.0)           # the searches' random-resized-crop scale
     hflip: float = 0.5
+    retrain_scale: Tuple[float, float] = (1.0, 1.0)   # the retrains': the whole image, only flipped (see the doc)
+    retrain_ratio: Tuple[float, float] = (1.0, 1.0)
     workers: int = 1
 
 
@@ -90,6 +92,7 @@ class SearchConfig:
     arch_lr: float = 3e-2
     rho: float = 0.2
     meta_fraction: float = 0.5
+    head_init: str = 'zero'
 
 
 @dataclass(frozen=True)
@@ -233,8 +236,8 @@ def make_loaders(data_root: str) -> Tuple[torch.utils.data.DataLoader, torch.uti
     size = (1, RECIPE.img_size, RECIPE.img_size)
     common = dict(input_size=size, batch_size=RECIPE.batch_size, mean=MEAN, std=STD, num_workers=RECIPE.workers,
                   use_prefetcher=False, persistent_workers=False)
-    train_loader = create_loader(train, is_training=True, scale=RECIPE.scale, color_jitter=0.0, hflip=RECIPE.hflip,
-                                 **common)
+    train_loader = create_loader(train, is_training=True, scale=RECIPE.retrain_scale, ratio=RECIPE.retrain_ratio,
+                                 color_jitter=0.0, hflip=RECIPE.hflip, **common)
     test_loader = create_loader(test, is_training=False, crop_pct=1.0, **common)
     return train_loader, test_loader
 
@@ -330,26 +333,15 @@ def retrain(task: Task, data_root: str, work_dir: str) -> Dict:
 # ---------------------------------------------------------------- search
 
 
-@contextlib.contextmanager
-def models_with_output_stride() -> Iterator[None]:
-    """`train_hooks.search` builds its supernet with `timm.create_model(model, num_classes, in_chans, ...)` and has no
-    option for timm's `output_stride`; it is added to every create_model call for the duration of the search."""
-    original = timm.create_model
-    timm.create_model = functools.partial(original, output_stride=RECIPE.output_stride)
-    try:
-        yield
-    finally:
-        timm.create_model = original
-
-
 def search_argv(config: SearchConfig, data_root: str, out: str) -> List[str]:
     argv = ['--dataset', 'torch/fashion_mnist', '--data-dir', data_root, '--model', RECIPE.model, '--in-chans', '1',
             '--mean', *map(str, MEAN), '--std', *map(str, STD), '--img-size', str(RECIPE.img_size),
-            '--scale', *map(str, RECIPE.scale), '--color-jitter', '0', '-b', str(RECIPE.batch_size),
+            '--output-stride', str(RECIPE.output_stride), '--scale', *map(str, RECIPE.scale), '--color-jitter', '0',
+            '-b', str(RECIPE.batch_size),
             '--epochs', str(config.epochs), '--lr', str(config.lr), '--arch-lr', str(config.arch_lr),
             '--rho', str(config.rho), '--meta-fraction', str(config.meta_fraction), '--smoothing',
             str(RECIPE.smoothing), '--seed', str(config.seed), '--workers', str(RECIPE.workers), '--output', out,
-            '--quiet', '--device', 'cpu']
+            '--head-init', config.head_init, '--quiet', '--device', 'cpu']
     return argv + ([] if config.early_stop else ['--no-early-stop'])
 
 
@@ -380,13 +372,12 @@ def run_search(task: Task, data_root: str, work_dir: str) -> Dict:
     resume = os.path.join(out, 'last.pth')
     discard_stale_search(out, config)
     load_start, start = os.getloadavg()[0], time.time()
-    with models_with_output_stride():
-        if os.path.exists(os.path.join(out, 'genotype.json')):
-            pass
-        elif os.path.exists(resume):
-            search_cli.main(['--resume', resume])
-        else:
-            search_cli.main(argv + ['--overwrite'])
+    if os.path.exists(os.path.join(out, 'genotype.json')):
+        pass
+    elif os.path.exists(resume):
+        search_cli.main(['--resume', resume])
+    else:
+        search_cli.main(argv + ['--overwrite'])
     with open(os.path.join(out, 'genotype.json')) as f:
         summary = json.load(f)
     data = summary['data']
@@ -394,8 +385,7 @@ def run_search(task: Task, data_root: str, work_dir: str) -> Dict:
     per_step = RECIPE.batch_size * 2  # Algorithm 1: fwd+bwd of a train batch and of a meta batch per step
     return dict(
         kind='search', name=task.name, config=dataclasses.asdict(config), recipe=search_recipe(),
-        command='python -m train_hooks.search ' + ' '.join(argv) + '  (model built with output_stride='
-                f'{RECIPE.output_stride})', genotype=','.join(summary['ops']), epochs_run=summary['epochs_run'],
+        command='python -m train_hooks.search ' + ' '.join(argv), genotype=','.join(summary['ops']), epochs_run=summary['epochs_run'],
         steps_run=steps, steps_per_epoch=data['train_images'] // RECIPE.batch_size,  # the last partial batch is dropped
         train_images=data['train_images'], meta_images=data['meta_images'],
         image_passes=dict(fwd_bwd=steps * per_step), search_time_s=summary['search_time_s'],
