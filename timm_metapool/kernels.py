@@ -4,7 +4,8 @@ Each function here computes exactly what a plain definition computes (PyTorch's 
 Enhancer's `forward_plain`, the literal Eq. 1 sum), by an equivalent route that is cheaper on the CPU: GEMMs with
 constant 0/1 matrices for reductions over small maps, box-kernel depthwise convs for average pooling, chained 3x3
 max pools, channels-last layouts. The tests hold each one to its plain definition; docs/performance.md has the
-measurements behind the thresholds.
+measurements behind the thresholds. It is the longest module on purpose: the one home of every fused kernel, so
+that `MetaPooling.forward` and the candidates lead into this file and nowhere else.
 """
 import contextlib
 from functools import lru_cache
