@@ -9,8 +9,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .blocks import SLOT_ATTR
-from .loading import load_trained_checkpoint
+from .loading import load_trained_checkpoint, slot_key_prefixes, warm_start_state_dict
 from .integrity import GENOTYPE_STATE_KEY, describe_key_mismatch
 
 __all__ = ['read_base_weights', 'load_base_weights']
@@ -36,7 +35,7 @@ def load_base_weights(model: nn.Module, source: str) -> List[str]:
     as timm does for pretrained weights. Returns the keys left as initialised (the slots' own and such a classifier).
     """
     state = dict(read_base_weights(source))
-    slot_prefixes = tuple(f'{name}.{SLOT_ATTR}.' for name in model.enhancer_slot_names())
+    slot_prefixes = tuple(slot_key_prefixes(model))
     if GENOTYPE_STATE_KEY in state or any(k.startswith(slot_prefixes) for k in state):
         raise ValueError(f'{source!r} holds Meta-Pooling weights, not the base timm model\'s: load them with '
                          f'pretrained_cfg_overlay=dict(file=...) or continue a search with --resume.')
@@ -45,11 +44,12 @@ def load_base_weights(model: nn.Module, source: str) -> List[str]:
     classifier = model.pretrained_cfg.get('classifier')
     for key in (f'{classifier}.weight', f'{classifier}.bias') if classifier else ():
         if key in state and key in own and state[key].shape != own[key].shape:
-            del state[key]
+            state[key] = own[key]
             kept.append(key)
-    detail = describe_key_mismatch({k: v for k, v in own.items() if k not in kept and k != GENOTYPE_STATE_KEY}, state)
+    state = warm_start_state_dict(state, model)  # the slots (and the genotype entry) as the model has them
+    detail = describe_key_mismatch(own, state)
     if detail:
         raise ValueError(f'{source!r} does not fit the base model of this Meta-Pooling model ({detail}): give the '
                          f'weights of the timm model it was built from, with the same width and input channels.')
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state)
     return kept

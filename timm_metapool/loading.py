@@ -27,7 +27,8 @@ from .pretrained import (
 
 __all__ = [
     'TrainedCheckpoint', 'load_trained_checkpoint', 'parse_checkpoint_genotype', 'enhancer_slot_names',
-    'fixed_state_dict', 'verify_state_dict', 'check_classifier_size', 'warm_start_state_dict', 'check_file_checksum',
+    'fixed_state_dict', 'verify_state_dict', 'check_classifier_size', 'warm_start_state_dict', 'slot_key_prefixes',
+    'check_file_checksum',
     'checkpoint_filter_fn', 'infer_head', 'build_model_for_weights',
 ]
 
@@ -217,8 +218,7 @@ def warm_start_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
     own = model.state_dict()
     out = dict(state_dict)
     fresh = []
-    for index, slot in enumerate(model.enhancer_slots()):
-        prefix = _slot_prefix(model, slot)
+    for index, prefix in enumerate(slot_key_prefixes(model)):
         slot_keys = [k for k in own if k.startswith(prefix)]
         if slot_keys and not any(k.startswith(prefix) for k in state_dict):
             out.update({k: own[k] for k in slot_keys})
@@ -230,8 +230,9 @@ def warm_start_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
     return out
 
 
-def _slot_prefix(model: nn.Module, slot: nn.Module) -> str:
-    return next(name for name, m in model.named_modules() if m is slot) + '.'
+def slot_key_prefixes(model: nn.Module) -> List[str]:
+    """The state_dict key prefix of each enhancer slot (`blocks.i.j.meta_pool.`), in slot order."""
+    return [f'{name}.{SLOT_ATTR}.' for name in model.enhancer_slot_names()]
 
 
 def check_file_checksum(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
