@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from timm_metapool.decision import (
-    PAPER_ARCH_LR, auto_arch_lr, budget_shortfall, eq4_logit_gap, is_near_chance, is_near_uniform,
-    reachable_logit_gap, search_verdict)
+    AUTO_ARCH_LR_CEILING, AUTO_ARCH_LR_HEADROOM, PAPER_ARCH_LR, auto_arch_lr, budget_shortfall, eq4_logit_gap,
+    is_near_chance, is_near_uniform, reachable_logit_gap, search_verdict)
 from timm_metapool.pmpl import FixEvent, confident_argmax
 
 
@@ -38,8 +38,19 @@ def test_adam_cannot_pass_the_reachable_gap_and_auto_reaches_eq4():
     assert confident_argmax(adam_on_a_consistent_gradient(short_lr, steps), 0.2) is None  # even with no noise at all
     assert confident_argmax(adam_on_a_consistent_gradient(PAPER_ARCH_LR, steps), 0.2) is None
     auto = auto_arch_lr(steps, 8, 0.2)
-    assert auto > PAPER_ARCH_LR and reachable_logit_gap(auto, steps) >= 100 * gap
+    assert auto > PAPER_ARCH_LR and reachable_logit_gap(auto, steps) >= 10 * gap
     assert confident_argmax(adam_on_a_consistent_gradient(auto, steps // 4), 0.2) == 3  # a quarter of the budget
+
+
+def test_auto_reaches_headroom_times_the_gap_up_to_its_ceiling():
+    gap = eq4_logit_gap(8, 0.2)
+    for steps in (1000, 5000, 100_000):  # long enough to stay under the ceiling
+        auto = auto_arch_lr(steps, 8, 0.2)
+        assert auto < AUTO_ARCH_LR_CEILING
+        assert reachable_logit_gap(auto, steps) == pytest.approx(AUTO_ARCH_LR_HEADROOM * gap)
+    for steps in (4, 9, 90, 400):  # too short: the ceiling, which still opens Eq. 4's gap with every step agreeing
+        assert auto_arch_lr(steps, 8, 0.2) == AUTO_ARCH_LR_CEILING
+        assert confident_argmax(adam_on_a_consistent_gradient(AUTO_ARCH_LR_CEILING, steps), 0.2) == 3
 
 
 def test_auto_keeps_the_papers_value_for_long_runs():

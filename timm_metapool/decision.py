@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 __all__ = [
-    'PAPER_ARCH_LR', 'AUTO_ARCH_LR_HEADROOM', 'eq4_logit_gap', 'reachable_logit_gap', 'auto_arch_lr',
+    'PAPER_ARCH_LR', 'AUTO_ARCH_LR_HEADROOM', 'AUTO_ARCH_LR_CEILING', 'eq4_logit_gap', 'reachable_logit_gap', 'auto_arch_lr',
     'budget_shortfall', 'is_near_uniform', 'is_near_chance', 'SearchVerdict', 'search_verdict',
 ]
 
 PAPER_ARCH_LR = 3e-4          # eta of Sec. 3.1
 AUTO_ARCH_LR_HEADROOM = 128.0  # `auto_arch_lr`: reach this many times Eq. 4's gap, for gradients that disagree
+# `auto_arch_lr` never goes above this: at 0.25 the demo's Eq. 4 fixed 5 slots in its first 15 steps, before the
+# network had learned anything (docs/search.md, the demo); 0.15 still opens Eq. 4's gap in 4 consistent steps.
+AUTO_ARCH_LR_CEILING = 0.15
 
 
 def eq4_logit_gap(num_candidates: int, rho: float) -> float:
@@ -45,18 +48,19 @@ def reachable_logit_gap(arch_lr: float, steps: int) -> float:
 
 
 def auto_arch_lr(planned_steps: int, num_candidates: int, rho: float, headroom: float = AUTO_ARCH_LR_HEADROOM,
-                 floor: float = PAPER_ARCH_LR) -> float:
+                 floor: float = PAPER_ARCH_LR, ceiling: float = AUTO_ARCH_LR_CEILING) -> float:
     """eta for `--arch-lr auto`: the paper's 3e-4, raised when the run is too short for it to reach Eq. 4.
 
     The raised value could reach `headroom` times Eq. 4's gap in the planned steps if every step agreed. Alpha's
     meta gradients mostly disagree from one batch to the next (a signal-to-noise ratio well below 1 per batch), so
     a slot moves at a small fraction of that pace; 128 is where, at about 230k steps (ImageNet's 30 epochs are 300k
-    at batch 128), the rule gives the paper's own 3e-4, so one rule covers both ends.
+    at batch 128), the rule gives the paper's own 3e-4, so one rule covers both ends. Runs of fewer than about 470
+    steps get `ceiling` instead of the headroom: a larger step lets the first, noisy meta gradients decide slots.
     """
     gap = eq4_logit_gap(num_candidates, rho)
     if not math.isfinite(gap):
         return floor
-    return max(floor, headroom * gap / (2.0 * max(planned_steps, 1)))
+    return min(ceiling, max(floor, headroom * gap / (2.0 * max(planned_steps, 1))))
 
 
 def budget_shortfall(arch_lr: float, planned_steps: int, num_candidates: int, rho: float,

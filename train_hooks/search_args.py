@@ -9,7 +9,7 @@ import torch
 from PIL import ImageMode
 from timm.data.dataset_factory import _search_split
 
-from timm_metapool.decision import PAPER_ARCH_LR, auto_arch_lr
+from timm_metapool.decision import AUTO_ARCH_LR_CEILING, PAPER_ARCH_LR, auto_arch_lr
 from timm_metapool.ops import OP_NAMES
 from timm_metapool.pmpl import InvalidSetting, PMPLConfig
 
@@ -298,8 +298,10 @@ def resolve_arch_lr(args: argparse.Namespace, model, planned_steps: int) -> Tupl
     arch_lr = auto_arch_lr(planned_steps, candidate_count(model), args.rho)
     if arch_lr == PAPER_ARCH_LR:
         return arch_lr, f"alpha lr (eta) {arch_lr:g} (--arch-lr auto: the paper's, enough for {planned_steps} steps)"
+    capped = ', capped at its ceiling' if arch_lr == AUTO_ARCH_LR_CEILING else ''
     return arch_lr, (f"alpha lr (eta) {arch_lr:.4g} (--arch-lr auto: {planned_steps} planned steps are too few for the "
-                     f"paper's {PAPER_ARCH_LR:g} to reach Eq. 4's margin; --arch-lr {PAPER_ARCH_LR:g} to use it)")
+                     f"paper's {PAPER_ARCH_LR:g} to reach Eq. 4's margin{capped}; --arch-lr {PAPER_ARCH_LR:g} to use "
+                     f"it)")
 
 
 def explicit_arg_names(argv: Optional[Sequence[str]]) -> set:
