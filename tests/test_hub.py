@@ -365,6 +365,40 @@ def test_publish_one_channel_model(work):
         assert torch.equal(loaded(x), model(x))
 
 
+def _last_map_size(model, size=48):
+    with torch.no_grad():
+        return model.eval().forward_features(_input(size)).shape[-1]
+
+
+def test_output_stride_travels_with_the_export(work):
+    """output_stride changes what the network computes but not its weights: without it in config.json a load would
+    silently rebuild the stride-32 network."""
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model(MODEL, genotype=GENOTYPE, num_classes=NUM_CLASSES, output_stride=16))
+    assert _last_map_size(model) == 3  # 48 px / 16; stride 32 gives 2
+    out = export_for_hub(model, work / 'export_os16', model_name=MODEL)
+    assert load_model_config_from_path(out)[2]['output_stride'] == 16
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert _last_map_size(loaded) == 3
+    torch.testing.assert_close(_outputs(loaded), _outputs(model))
+    # From a timm train.py checkpoint whose --model-kwargs held it, and from a state_dict with --model-kwargs.
+    genotype_path = work / 'os16_genotype.json'
+    genotype_path.write_text(GENOTYPE.to_json())
+    args = argparse.Namespace(model=MODEL, model_kwargs={'genotype': str(genotype_path), 'output_stride': 16})
+    checkpoint = work / 'os16.pth.tar'
+    torch.save({'epoch': 1, 'arch': MODEL, 'args': args, 'state_dict': model.state_dict()}, checkpoint)
+    plain = work / 'os16_plain.pth'
+    torch.save(model.state_dict(), plain)
+    for source, extra in ((checkpoint, []), (plain, ['--model-kwargs', 'output_stride=16'])):
+        published = work / f'published_{source.stem}'
+        publish.main(['--checkpoint', str(source), '--model', MODEL, '--out', str(published), *extra])
+        assert load_model_config_from_path(published)[2]['output_stride'] == 16
+        assert _last_map_size(timm.create_model(f'local-dir:{published}', pretrained=True)) == 3
+    with pytest.raises(SystemExit, match='--model-kwargs takes output_stride, not drop_rate'):
+        publish.main(['--checkpoint', str(plain), '--model', MODEL, '--out', str(work / 'never_os'),
+                      '--model-kwargs', 'drop_rate=0.1'])
+
+
 def test_export_keeps_a_training_model_training(work):
     """A model exported mid-training (e.g. a checkpoint callback) goes back to training mode: BN keeps updating its
     statistics after the export, as it would have without it."""

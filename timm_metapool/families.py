@@ -18,7 +18,7 @@ from timm.models._builder import pretrained_cfg_for_features
 
 from .genotype import GenotypeLike
 from .hook import add_meta_pooling, slot_blocks
-from .loading import checkpoint_filter_fn
+from .loading import ARCHITECTURE_KWARGS, checkpoint_filter_fn
 from .pretrained import PRETRAINED_TAGS, resolve_pretrained_genotype
 
 __all__ = ['METAPOOL_FAMILIES', 'base_model_name', 'create_metapool_model']
@@ -115,6 +115,8 @@ def create_metapool_model(
     )
     if features_cls:
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    # Exports write these into config.json's model_args, so that a load rebuilds the same network.
+    model.architecture_kwargs = {k: kwargs[k] for k in ARCHITECTURE_KWARGS if kwargs.get(k) is not None}
     return model
 
 

@@ -259,7 +259,8 @@ def export_for_hub(
     was_training = model.training  # exported and checked in eval mode; a model mid-training goes back to training
     try:
         exported = _with_contiguous_weights(model)
-        save_for_hf(exported.eval(), str(staging), model_args=dict(genotype=model.genotype.to_string()),
+        model_args = dict(genotype=model.genotype.to_string(), **getattr(model, 'architecture_kwargs', {}))
+        save_for_hf(exported.eval(), str(staging), model_args=model_args,
                     safe_serialization=True, data_config=data_config)
         _write_safetensors_with_genotype(exported, staging / 'model.safetensors', model_name)
         plot_name = None

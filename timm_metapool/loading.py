@@ -36,6 +36,9 @@ _logger = logging.getLogger(__name__)
 
 # timm train.py keys that describe evaluation preprocessing; the export's pretrained_cfg records them.
 _DATA_CONFIG_KEYS = ('input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
+# Model kwargs that change what the network computes without showing in its weights' keys or shapes: weights load
+# into a model built without them, silently, so they travel with the weights (config.json model_args).
+ARCHITECTURE_KWARGS = ('output_stride',)
 
 
 @dataclass
@@ -53,6 +56,14 @@ class TrainedCheckpoint:
         """Whether timm train.py's summary.csv of this run holds the EMA weights' eval metrics (it evaluates the EMA
         in place of the model under --model-ema, unless the EMA is kept on the CPU)."""
         return bool(self.train_args.get('model_ema')) and not self.train_args.get('model_ema_force_cpu')
+
+    @property
+    def architecture_kwargs(self) -> Dict[str, Any]:
+        """The `ARCHITECTURE_KWARGS` the weights were trained with: timm train.py's --model-kwargs, or the search's
+        --output-stride."""
+        given = dict(self.train_args.get('model_kwargs') or {})
+        given.setdefault('output_stride', self.train_args.get('output_stride'))
+        return {k: given[k] for k in ARCHITECTURE_KWARGS if given.get(k) is not None}
 
     @property
     def data_config(self) -> Dict[str, Any]:
@@ -284,14 +295,16 @@ def build_model_for_weights(
         model_name: str,
         genotype: GenotypeLike,
         state_dict: Mapping[str, torch.Tensor],
+        architecture_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
-    """Build `model_name` with `genotype` and load `state_dict` into it, strictly, in eval mode.
+    """Build `model_name` with `genotype` (and `architecture_kwargs`, e.g. output_stride) and load `state_dict` into
+    it, strictly, in eval mode.
 
     Search-space checkpoints are mapped onto the genotype first; num_classes and in_chans follow the weights.
     """
     import timm
 
-    model = timm.create_model(model_name, genotype=genotype, **infer_head(state_dict))
+    model = timm.create_model(model_name, genotype=genotype, **infer_head(state_dict), **(architecture_kwargs or {}))
     weights = fixed_state_dict(state_dict, model)
     verify_state_dict(weights, model)
     try:

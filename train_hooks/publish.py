@@ -12,8 +12,9 @@ The export is checked by loading it back with `timm.create_model('local-dir:OUT'
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+from timm.utils import ParseKwargs
 
 __all__ = ['main']
 
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--from-supernet', action='store_true',
                         help='export the --genotype sub-network of search-space weights as they are (not retrained; '
                              'no metrics)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help="architecture kwargs the weights were trained with that they do not show (timm's "
+                             "output_stride=16); default: those recorded in a train.py or search checkpoint")
     parser.add_argument('--out', required=True, help='new folder to write the export to (must not exist)')
     parser.add_argument('--repo-id', default=None, help='Hub repo ORG/NAME (named in the model card; used by --push)')
     parser.add_argument('--push', action='store_true', help='upload the export to --repo-id')
@@ -112,6 +116,18 @@ def _read_card_metrics(path: str, checkpoint, use_ema: bool):
     return hub.read_metrics(path, epoch=checkpoint.epoch)
 
 
+def architecture_kwargs(given: Dict[str, Any], checkpoint) -> Dict[str, Any]:
+    """--model-kwargs over what the checkpoint recorded; only `loading.ARCHITECTURE_KWARGS` (the genotype has its
+    own flag, and num_classes / in_chans follow the weights)."""
+    from timm_metapool.loading import ARCHITECTURE_KWARGS
+
+    other = sorted(set(given) - set(ARCHITECTURE_KWARGS))
+    if other:
+        raise ValueError(f"--model-kwargs takes {', '.join(ARCHITECTURE_KWARGS)}, not {', '.join(other)} (the genotype "
+                         f"has --genotype; num_classes and in_chans follow the weights).")
+    return {**checkpoint.architecture_kwargs, **given}
+
+
 def publish(args: argparse.Namespace) -> str:
     """Run the export (and push); returns the line a user loads the result with."""
     import timm
@@ -134,7 +150,8 @@ def publish(args: argparse.Namespace) -> str:
     # Presets ('skip', 'random:0') need the slot count; a parameter-free build is the one place that knows it.
     num_slots = timm.create_model(args.model, genotype='skip').num_slots
     genotype = _choose_genotype(args.genotype, checkpoint, num_slots, args.from_supernet)
-    model = loading.build_model_for_weights(args.model, genotype, checkpoint.state_dict)
+    model = loading.build_model_for_weights(args.model, genotype, checkpoint.state_dict,
+                                            architecture_kwargs(args.model_kwargs, checkpoint))
 
     out = hub.export_for_hub(
         model, args.out, model_name=args.model, repo_id=args.repo_id, data_config=checkpoint.data_config,
