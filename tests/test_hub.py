@@ -166,6 +166,54 @@ def test_hf_hub_offline_from_prefilled_cache(work, export_dir, trained):
     assert genotype == GENOTYPE.to_string() and torch.equal(out, _outputs(trained[0]))
 
 
+_LOAD_SHIPPED_TAG = """
+import sys, json, torch, timm, timm_metapool
+from timm.data import resolve_data_config
+x, tag = torch.load(sys.argv[1]), sys.argv[3]
+out = {'listed': timm.list_pretrained('*metapool*')}
+for name in (tag, tag.split('.')[0]):  # the tag, and the architecture whose default tag it is
+    model = timm.create_model(name, pretrained=True).eval()
+    with torch.no_grad():
+        out[name] = (str(model.genotype), model(x), resolve_data_config({}, model=model),
+                     model.forward_features(x).shape[-1])
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_weights_shipped_with_the_package_load_by_tag_offline(work):
+    """A tag in the weights folder's manifest loads with pretrained=True and no network: genotype from the file's
+    metadata, the create_model kwargs its weights need (1 channel, 10 classes, output_stride 16), and the pretrained
+    cfg that timm's resolve_data_config reads. A tag whose file is absent is not registered."""
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model(MODEL, genotype=GENOTYPE, num_classes=10, in_chans=1, output_stride=16))
+    export = export_for_hub(model, work / 'export_for_shipping', model_name=MODEL)
+    weights = work / 'weights'
+    weights.mkdir()
+    shutil.copyfile(export / 'model.safetensors', weights / 'mp035_fm.safetensors')
+    cfg = dict(input_size=[1, 56, 56], mean=[0.286], std=[0.353], crop_pct=1.0, interpolation='bilinear',
+               num_classes=10)
+    (weights / 'manifest.json').write_text(json.dumps({'tags': {
+        f'{MODEL}.pmpl_test': dict(file='mp035_fm.safetensors', cfg=cfg,
+                                   model_args=dict(in_chans=1, num_classes=10, output_stride=16)),
+        'mobilenetv2_metapool_050.pmpl_absent': dict(file='absent.safetensors', cfg=cfg, model_args={}),
+    }}))
+    x = torch.randn(2, 1, 56, 56, generator=torch.Generator().manual_seed(1))
+    torch.save(x, work / 'x1.pt')
+    subprocess.run([sys.executable, '-c', _LOAD_SHIPPED_TAG, str(work / 'x1.pt'), str(work / 'shipped.pt'),
+                    f'{MODEL}.pmpl_test'], check=True, cwd=REPO_ROOT,
+                   env=_subprocess_env(TIMM_METAPOOL_WEIGHTS_DIR=str(weights), HF_HUB_OFFLINE='1'))
+    out = torch.load(work / 'shipped.pt', weights_only=False)
+    assert out['listed'] == [f'{MODEL}.pmpl_test']
+    with torch.no_grad():
+        expected = model.eval()(x)
+    for name in (f'{MODEL}.pmpl_test', MODEL):
+        genotype, logits, data_config, last_map = out[name]
+        assert genotype == GENOTYPE.to_string() and last_map == 4  # 56 px / 16
+        torch.testing.assert_close(logits, expected)
+        assert data_config['input_size'] == (1, 56, 56) and data_config['mean'] == (0.286,)
+        assert data_config['crop_pct'] == 1.0 and data_config['interpolation'] == 'bilinear'
+
+
 def _genotype_with(slot, op):
     ops = list(GENOTYPE)
     ops[slot] = op

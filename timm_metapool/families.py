@@ -19,7 +19,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from .genotype import GenotypeLike
 from .hook import add_meta_pooling, slot_blocks
 from .loading import ARCHITECTURE_KWARGS, checkpoint_filter_fn
-from .pretrained import PRETRAINED_TAGS, resolve_pretrained_genotype
+from .pretrained import PRETRAINED_TAGS, resolve_pretrained_genotype, tag_model_args
 
 __all__ = ['METAPOOL_FAMILIES', 'base_model_name', 'create_metapool_model']
 
@@ -97,6 +97,9 @@ def create_metapool_model(
     timm's wrapper around the model with slots).
     """
     base = METAPOOL_FAMILIES[variant]
+    for name, value in tag_model_args(variant, pretrained, kwargs.get('pretrained_cfg'),
+                                      kwargs.get('pretrained_cfg_overlay')).items():
+        kwargs.setdefault(name, value)  # what the tag's weights were trained with, unless given
     features_only = kwargs.pop('features_only', False)
     wrapped_features = features_only and ('feature_cfg' in kwargs or 'feature_cls' in kwargs)
     features_cls = features_only and not wrapped_features
@@ -137,7 +140,9 @@ def _make_entrypoint(variant: str) -> Callable[..., nn.Module]:
 default_cfgs = generate_default_cfgs({
     **{name: _cfg(base) for name, base in METAPOOL_FAMILIES.items()
        if not any(tag.startswith(name + '.') for tag in PRETRAINED_TAGS)},
-    **{tag: _cfg(base_model_name(tag), hf_hub_id=entry['hf_hub_id']) for tag, entry in PRETRAINED_TAGS.items()},
+    **{tag: _cfg(base_model_name(tag), **{k: entry[k] for k in ('file', 'hf_hub_id') if k in entry},
+                 **entry.get('cfg', {}))
+       for tag, entry in PRETRAINED_TAGS.items()},
 })
 
 for _variant in METAPOOL_FAMILIES:

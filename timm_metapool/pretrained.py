@@ -19,15 +19,62 @@ from .genotype import Genotype, GenotypeLike
 from .integrity import GenotypeMismatchError, first_slot_difference
 
 __all__ = [
-    'PRETRAINED_TAGS', 'SAFETENSORS_GENOTYPE_KEY', 'SAFETENSORS_CHECKSUM_KEY', 'GenotypeMismatchError',
+    'PRETRAINED_TAGS', 'WEIGHTS_DIR_ENV', 'SHIPPED_WEIGHTS_DIR', 'read_weights_manifest', 'tag_model_args',
+    'SAFETENSORS_GENOTYPE_KEY', 'SAFETENSORS_CHECKSUM_KEY', 'GenotypeMismatchError',
     'first_genotype_difference', 'local_weights_file', 'read_safetensors_metadata', 'read_safetensors_genotype',
     'check_weights_genotype', 'resolve_pretrained_genotype', 'ConfigFileError', 'name_config_file_in_errors',
 ]
 
-# The one place that lists pretrained weights, 'arch.tag' -> where they are (`hf_hub_id`); only tags whose files
-# exist, so that timm.list_pretrained() lists nothing that cannot load. None yet: ImageNet training is out of reach
-# on the machines this package is developed on.
-PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {}
+WEIGHTS_DIR_ENV = 'TIMM_METAPOOL_WEIGHTS_DIR'  # another folder laid out as SHIPPED_WEIGHTS_DIR, read instead of it
+SHIPPED_WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+WEIGHTS_MANIFEST = 'manifest.json'
+
+
+def read_weights_manifest(weights_dir: str) -> Dict[str, Dict[str, Any]]:
+    """The pretrained tags whose weights file is in `weights_dir`, from its `manifest.json`:
+
+        {"tags": {"ARCH.TAG": {"file": "NAME.safetensors",          # an export's model.safetensors, renamed
+                               "model_args": {"in_chans": 1, ...},  # create_model kwargs the weights need
+                               "cfg": {"input_size": [1, 56, 56], "mean": [...], ...}}}}  # timm pretrained cfg
+
+    A tag whose file is absent is left out, so that timm.list_pretrained() lists nothing that cannot load.
+    """
+    path = os.path.join(weights_dir, WEIGHTS_MANIFEST)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            entries = json.load(f)['tags']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'Cannot read the pretrained weights manifest {path}: {e!r}. It must be a JSON object '
+                         f'{{"tags": {{"ARCH.TAG": {{"file": ..., "model_args": ..., "cfg": ...}}}}}}.') from None
+    tags = {}
+    for tag, entry in entries.items():
+        file = os.path.join(weights_dir, entry['file'])
+        if os.path.isfile(file):
+            cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.get('cfg', {}).items()}  # as timm's
+            tags[tag] = dict(file=file, model_args=dict(entry.get('model_args', {})), cfg=cfg)
+    return tags
+
+
+# The one place that lists pretrained weights, 'arch.tag' -> where they are (`file` shipped in the package's
+# weights/ folder, or `hf_hub_id`), the create_model kwargs they need and their pretrained cfg; only tags whose
+# files exist. ImageNet weights are out of reach on the machines this package is developed on.
+PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = read_weights_manifest(
+    os.environ.get(WEIGHTS_DIR_ENV) or SHIPPED_WEIGHTS_DIR)
+
+
+def tag_model_args(variant: str, pretrained: bool, pretrained_cfg: Any = None,
+                   pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The create_model kwargs that the pretrained tag in use needs (its manifest's `model_args`): for a tag named
+    ('ARCH.TAG'), or for pretrained=True without a cfg or overlay of the user's own (the arch's default tag)."""
+    if isinstance(pretrained_cfg, str):
+        tag = f'{variant}.{pretrained_cfg}'
+    elif pretrained and pretrained_cfg is None and not pretrained_cfg_overlay:
+        tag = next((t for t in PRETRAINED_TAGS if t.startswith(variant + '.')), '')
+    else:
+        return {}
+    return dict(PRETRAINED_TAGS.get(tag, {}).get('model_args', {}))
 
 SAFETENSORS_GENOTYPE_KEY = 'genotype'
 SAFETENSORS_CHECKSUM_KEY = 'weights_sha256'  # integrity.weights_checksum of the tensors, checked on load
