@@ -1,7 +1,9 @@
 """The paper's Table 3 on Fashion-MNIST, converged: a queue of runs that outlives a session.
 
     apt-get install -y dataset-fashion-mnist
-    OMP_NUM_THREADS=1 nohup python benchmarks/fashion_mnist_table3.py --commit > runs/fm56.log 2>&1 &
+    for lane in search retrain; do      # one runner per core; `--lane all` (the default) runs the queue in order
+        OMP_NUM_THREADS=1 nohup python benchmarks/fashion_mnist_table3.py --commit --lane $lane >> runs/fm56_$lane.log 2>&1 &
+    done
     python benchmarks/fashion_mnist_table3.py --status         # the queue, what is finished
     python benchmarks/fashion_mnist_table3.py --report-only    # rebuild the table and plot from the result files
 
