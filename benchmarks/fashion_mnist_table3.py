@@ -1,8 +1,8 @@
 """The paper's Table 3 on Fashion-MNIST, converged: a queue of runs that outlives a session.
 
     apt-get install -y dataset-fashion-mnist
-    for lane in search retrain; do      # one runner per core; `--lane all` (the default) runs the queue in order
-        OMP_NUM_THREADS=1 nohup python benchmarks/fashion_mnist_table3.py --commit --lane $lane >> runs/fm56_$lane.log 2>&1 &
+    for core in 1 2; do      # one runner per core; they share the queue (a lock per entry)
+        OMP_NUM_THREADS=1 nohup python benchmarks/fashion_mnist_table3.py --commit >> runs/fm56_$core.log 2>&1 &
     done
     python benchmarks/fashion_mnist_table3.py --status         # the queue, what is finished
     python benchmarks/fashion_mnist_table3.py --report-only    # rebuild the table and plot from the result files
@@ -17,7 +17,7 @@ CoordAttn in the same slots. A third search repeats search A with `--no-early-st
 Each finished run writes one small result file under benchmarks/results/fashion_mnist_56px/ (`runs/<arm>_seed<k>.json`;
 `searches/<name>/` with genotype.json, search.png, search_log.csv and result.json). A run whose result file exists is
 skipped; an unfinished one resumes from its per-epoch checkpoint in --work-dir (never committed). A run that fails is
-logged and retried on the next start. After every run the table (docs/results_fashion_mnist.md, between its markers)
+logged and retried on the next start. Several runners share the queue: an entry runs in the one that holds its lock. After every run the table (docs/results_fashion_mnist.md, between its markers)
 and the bar plot are rebuilt from the result files; with --commit the run's files are committed by path.
 """
 import argparse
@@ -440,7 +440,8 @@ def publish_search(task: Task, result: Dict) -> List[str]:
     for name in ('search.png', 'search_log.csv', 'genotype.json'):  # genotype.json last: it marks the search done
         src = os.path.join(result['work_dir'], name)
         if os.path.exists(src):
-            shutil.copy(src, os.path.join(dst, name))
+            shutil.copy(src, os.path.join(dst, name + '.tmp'))  # another runner may be reading it
+            os.replace(os.path.join(dst, name + '.tmp'), os.path.join(dst, name))
             written.append(os.path.join(dst, name))
     return written
 
@@ -680,8 +681,9 @@ def plot(runs: Dict[str, Dict[int, Dict]], path: str) -> bool:
     ax.set_ylim(max(0.0, min(m - s for m, s in zip(means, stds)) - 1.0),
                 min(100.0, max(m + s for m, s in zip(means, stds)) + 0.6))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path + '.tmp.png', dpi=110)
     plt.close(fig)
+    os.replace(path + '.tmp.png', path)
     return True
 
 
@@ -728,8 +730,9 @@ def write_report(with_latency: bool = True) -> str:
     else:
         os.makedirs(os.path.dirname(DOC_PATH), exist_ok=True)
         text = '# Table 3 on Fashion-MNIST (56 px)\n\n' + generated + '\n'
-    with open(DOC_PATH, 'w') as f:
+    with open(DOC_PATH + '.tmp', 'w') as f:  # two runners may rebuild it at once
         f.write(text)
+    os.replace(DOC_PATH + '.tmp', DOC_PATH)
     return DOC_PATH
 
 
@@ -757,42 +760,60 @@ def print_status(queue: Sequence[Task]) -> None:
 
 
 @contextlib.contextmanager
-def single_runner(work_dir: str, lane: str) -> Iterator[None]:
-    """Refuse a second runner for the same kind of entry on the same work dir (a later session starting one while this
-    one runs); a `search` and a `retrain` lane touch different entries and may run side by side, `all` takes both."""
-    os.makedirs(work_dir, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        for kind in (('search', 'retrain') if lane == 'all' else (lane,)):
-            lock = stack.enter_context(open(os.path.join(work_dir, f'runner.{kind}.lock'), 'w'))
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise SystemExit(f'error: another runner holds {lock.name}; let it finish (or end it) first.')
-            lock.write(str(os.getpid()))
-            lock.flush()
-        yield
-
-
-def run_queue(queue: Sequence[Task], data_root: str, work_dir: str, commit: bool, max_runs: Optional[int]) -> None:
-    """Every unfinished, ready entry in order; a failure is logged and the entry is retried on the next start."""
-    ran = 0
-    for task in queue:
-        if is_finished(task) or waits_for(task):
-            continue
-        if max_runs is not None and ran >= max_runs:
-            break
-        print(f'[{time.strftime("%H:%M:%S")}] start {task.run_id}', flush=True)
+def entry_lock(work_dir: str, task: Task) -> Iterator[bool]:
+    """Hold `task`'s lock while it runs: True if this runner got it, False if another runner (of this session or a
+    later one on the same work dir) is running the entry."""
+    os.makedirs(os.path.join(work_dir, 'locks'), exist_ok=True)
+    with open(os.path.join(work_dir, 'locks', task.run_id.replace(' ', '_') + '.lock'), 'a') as lock:
         try:
-            paths = run_task(task, data_root, work_dir)
-        except (Exception, SystemExit) as error:  # the search CLI reports its errors as SystemExit
-            print(f'[{time.strftime("%H:%M:%S")}] FAILED {task.run_id}: {error!r}\n{traceback.format_exc()}',
-                  flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield True
+
+
+def run_queue(queue: Sequence[Task], data_root: str, work_dir: str, commit: bool, max_runs: Optional[int],
+              poll_s: float = 60.0) -> None:
+    """Run the first unfinished, ready entry that no other runner holds, until none is left; wait while the only
+    ones left wait for entries that other runners are running. A failure is logged and retried on the next start."""
+    ran, failed = 0, set()
+    while max_runs is None or ran < max_runs:
+        pending = [t for t in queue if t not in failed and not is_finished(t)]
+        ready = [t for t in pending if not waits_for(t)]
+        started = False
+        for task in ready:
+            with entry_lock(work_dir, task) as mine:
+                if not mine or is_finished(task):  # finished by another runner since the list was made
+                    continue
+                started = True
+                print(f'[{time.strftime("%H:%M:%S")}] start {task.run_id}', flush=True)
+                try:
+                    paths = run_task(task, data_root, work_dir)
+                except (Exception, SystemExit) as error:  # the search CLI reports its errors as SystemExit
+                    print(f'[{time.strftime("%H:%M:%S")}] FAILED {task.run_id}: {error!r}\n'
+                          f'{traceback.format_exc()}', flush=True)
+                    failed.add(task)
+                    break
+            ran += 1
+            print(f'[{time.strftime("%H:%M:%S")}] finished {task.run_id}', flush=True)
+            paths += [write_report(), os.path.join(RESULTS_DIR, 'accuracy.png')]
+            if commit:
+                git_commit([p for p in paths if os.path.exists(p)], f'fashion-mnist 56px: {task.run_id} finished')
+            break
+        if started:
             continue
-        ran += 1
-        print(f'[{time.strftime("%H:%M:%S")}] finished {task.run_id}', flush=True)
-        paths += [write_report(), os.path.join(RESULTS_DIR, 'accuracy.png')]
-        if commit:
-            git_commit([p for p in paths if os.path.exists(p)], f'fashion-mnist 56px: {task.run_id} finished')
+        if not ready and not any(entry_running(work_dir, t) for t in queue):
+            return  # nothing left, or what is left waits for what nobody runs (held retrains, failed searches)
+        time.sleep(poll_s)  # what is left runs in other runners or waits for their results
+
+
+def entry_running(work_dir: str, task: Task) -> bool:
+    with entry_lock(work_dir, task) as mine:
+        return not mine
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -802,7 +823,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--commit', action='store_true', help="commit each finished run's result files (by path)")
     parser.add_argument('--max-runs', type=int, default=None, help='stop after this many finished runs')
     parser.add_argument('--lane', choices=LANES, default='all',
-                        help='run only the searches or only the retrains (one runner per lane, e.g. one per core)')
+                        help='run only the searches or only the retrains (runners share the queue: each entry runs in one)')
     parser.add_argument('--status', action='store_true', help='print the queue and exit')
     parser.add_argument('--report-only', action='store_true', help='rebuild the table and plot and exit')
     args = parser.parse_args(argv)
@@ -814,13 +835,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.report_only:
         print(write_report())
         return
-    with single_runner(args.work_dir, args.lane):
-        data_root = prepare_data(os.path.join(args.work_dir, 'data'))
-        print(f'Table 3 runner ({args.lane}): {sum(is_finished(t) for t in queue)}/{len(queue)} finished; recipe '
-              f'{RECIPE}; searches {SEARCHES}', flush=True)
-        run_queue([t for t in queue if args.lane in ('all', t.kind)], data_root, args.work_dir, args.commit,
-                  args.max_runs)
-        write_report()
+    data_root = prepare_data(os.path.join(args.work_dir, 'data'))
+    print(f'Table 3 runner ({args.lane}, pid {os.getpid()}): {sum(is_finished(t) for t in queue)}/{len(queue)} '
+          f'finished; recipe {RECIPE}; searches {SEARCHES}', flush=True)
+    run_queue([t for t in queue if args.lane in ('all', t.kind)], data_root, args.work_dir, args.commit,
+              args.max_runs)
+    write_report()
     print('queue done' if all(is_finished(t) for t in queue) else 'stopped with entries left (see --status)',
           flush=True)
 
