@@ -777,13 +777,14 @@ def entry_lock(work_dir: str, task: Task) -> Iterator[bool]:
 
 
 def run_queue(queue: Sequence[Task], data_root: str, work_dir: str, commit: bool, max_runs: Optional[int],
-              poll_s: float = 60.0) -> None:
+              poll_s: float = 60.0, gate: bool = True) -> None:
     """Run the first unfinished, ready entry that no other runner holds, until none is left; wait while the only
-    ones left wait for entries that other runners are running. A failure is logged and retried on the next start."""
+    ones left wait for entries that other runners are running. A failure is logged and retried on the next start.
+    Without `gate`, retrains do not wait for the convergence check."""
     ran, failed = 0, set()
     while max_runs is None or ran < max_runs:
         pending = [t for t in queue if t not in failed and not is_finished(t)]
-        ready = [t for t in pending if not waits_for(t)]
+        ready = [t for t in pending if not gate or not waits_for(t)]
         started = False
         for task in ready:
             with entry_lock(work_dir, task) as mine:
@@ -816,6 +817,17 @@ def entry_running(work_dir: str, task: Task) -> bool:
         return not mine
 
 
+def only_entry(queue: Sequence[Task], run_id: str) -> Task:
+    """The queue entry named `run_id`, or a SystemExit that lists the names and says why it cannot run."""
+    task = next((t for t in queue if t.run_id == run_id), None)
+    if task is None:
+        raise SystemExit(f'error: --only {run_id!r} is not a queue entry; one of: '
+                         f'{", ".join(t.run_id for t in queue)}')
+    if task.kind == 'retrain' and resolve_genotype(ARMS[task.name], task.seed) is None:
+        raise SystemExit(f'error: {run_id} needs its search, which has not finished; run that first.')
+    return task
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--work-dir', default=os.path.join(REPO_DIR, 'runs', 'fashion_mnist_56px'),
@@ -824,6 +836,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--max-runs', type=int, default=None, help='stop after this many finished runs')
     parser.add_argument('--lane', choices=LANES, default='all',
                         help='run only the searches or only the retrains (runners share the queue: each entry runs in one)')
+    parser.add_argument('--only', metavar='RUN_ID', default=None,
+                        help="run this one entry (as --status names it, e.g. pmpl_a_seed0) even while the convergence "
+                             "check holds retrains; a PMPL retrain still needs its search")
     parser.add_argument('--status', action='store_true', help='print the queue and exit')
     parser.add_argument('--report-only', action='store_true', help='rebuild the table and plot and exit')
     args = parser.parse_args(argv)
@@ -838,8 +853,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     data_root = prepare_data(os.path.join(args.work_dir, 'data'))
     print(f'Table 3 runner ({args.lane}, pid {os.getpid()}): {sum(is_finished(t) for t in queue)}/{len(queue)} '
           f'finished; recipe {RECIPE}; searches {SEARCHES}', flush=True)
+    if args.only:
+        queue = [only_entry(queue, args.only)]
     run_queue([t for t in queue if args.lane in ('all', t.kind)], data_root, args.work_dir, args.commit,
-              args.max_runs)
+              args.max_runs, gate=not args.only)
     write_report()
     print('queue done' if all(is_finished(t) for t in queue) else 'stopped with entries left (see --status)',
           flush=True)
