@@ -167,7 +167,7 @@ def test_hf_hub_offline_from_prefilled_cache(work, export_dir, trained):
 
 
 _LOAD_SHIPPED_TAG = """
-import sys, json, torch, timm, timm_metapool
+import logging, sys, json, torch, timm, timm_metapool
 from timm.data import resolve_data_config
 x, tag = torch.load(sys.argv[1]), sys.argv[3]
 out = {'listed': timm.list_pretrained('*metapool*')}
@@ -176,6 +176,10 @@ for name in (tag, tag.split('.')[0]):  # the tag, and the architecture whose def
     with torch.no_grad():
         out[name] = (str(model.genotype), model(x), resolve_data_config({}, model=model),
                      model.forward_features(x).shape[-1])
+warnings = []
+logging.getLogger('timm_metapool').addHandler(logging.Handler())
+logging.getLogger('timm_metapool').handlers[-1].emit = lambda record: warnings.append(record.getMessage())
+out['in_chans_3'] = (timm.create_model(tag, pretrained=True, in_chans=3).conv_stem.in_channels, warnings)
 torch.save(out, sys.argv[2])
 """
 
@@ -183,7 +187,8 @@ torch.save(out, sys.argv[2])
 def test_weights_shipped_with_the_package_load_by_tag_offline(work):
     """A tag in the weights folder's manifest loads with pretrained=True and no network: genotype from the file's
     metadata, the create_model kwargs its weights need (1 channel, 10 classes, output_stride 16), and the pretrained
-    cfg that timm's resolve_data_config reads. A tag whose file is absent is not registered."""
+    cfg that timm's resolve_data_config reads. A tag whose file is absent is not registered. Another in_chans than the
+    weights' is built as asked, with a warning naming the flag that uses them as trained."""
     torch.manual_seed(0)
     model = randomize_bn(timm.create_model(MODEL, genotype=GENOTYPE, num_classes=10, in_chans=1, output_stride=16))
     export = export_for_hub(model, work / 'export_for_shipping', model_name=MODEL)
@@ -212,6 +217,10 @@ def test_weights_shipped_with_the_package_load_by_tag_offline(work):
         torch.testing.assert_close(logits, expected)
         assert data_config['input_size'] == (1, 56, 56) and data_config['mean'] == (0.286,)
         assert data_config['crop_pct'] == 1.0 and data_config['interpolation'] == 'bilinear'
+    # validate.py passes in_chans=3 unless given --in-chans: built as asked, with a warning that names the fix.
+    in_channels, warnings = out['in_chans_3']
+    assert in_channels == 3 and len(warnings) == 1
+    assert 'trained with in_chans=1 but in_chans=3 was given' in warnings[0] and '--in-chans 1' in warnings[0]
 
 
 def _genotype_with(slot, op):

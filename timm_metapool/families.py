@@ -7,6 +7,7 @@ mechanism for every family. Names insert `_metapool` before a trailing width mul
 `genotype=None` gives the PMPL search space (every slot a `MetaPooling`, Eq. 1); a genotype gives the fixed network,
 and `genotype='skip'` is exactly the timm model (same state_dict keys and outputs).
 """
+import logging
 from functools import partial
 from typing import Any, Callable, Dict, Optional
 
@@ -22,6 +23,8 @@ from .loading import ARCHITECTURE_KWARGS, checkpoint_filter_fn
 from .pretrained import PRETRAINED_TAGS, resolve_pretrained_genotype, tag_model_args
 
 __all__ = ['METAPOOL_FAMILIES', 'base_model_name', 'create_metapool_model']
+
+_logger = logging.getLogger(__name__)
 
 # Registered name -> the timm model it adds Meta-Pooling to.
 METAPOOL_FAMILIES: Dict[str, str] = {
@@ -83,6 +86,17 @@ def _build_with_slots(
     return add_meta_pooling(model, genotype=genotype)
 
 
+def warn_tag_arg_overridden(variant: str, tag: Any, name: str, trained: Any, given: Any) -> None:
+    """Say that a create_model kwarg differs from the one the pretrained tag's weights were trained with: timm adapts
+    the weights where it can (the stem for another `in_chans`, a new classifier), and timm's validate.py passes
+    in_chans=3 unless told otherwise, which then fails on the tag's own data."""
+    flag = '--' + name.replace('_', '-')
+    _logger.warning(
+        f'{variant}.{tag if isinstance(tag, str) else "(default tag)"}: its weights were trained with {name}={trained}'
+        f' but {name}={given} was given; timm adapts the weights to it where it can. To use them as trained, pass '
+        f'{name}={trained} (timm scripts: {flag} {trained}).')
+
+
 def create_metapool_model(
         variant: str,
         pretrained: bool = False,
@@ -99,6 +113,8 @@ def create_metapool_model(
     base = METAPOOL_FAMILIES[variant]
     for name, value in tag_model_args(variant, pretrained, kwargs.get('pretrained_cfg'),
                                       kwargs.get('pretrained_cfg_overlay')).items():
+        if name in kwargs and kwargs[name] != value:
+            warn_tag_arg_overridden(variant, kwargs.get('pretrained_cfg'), name, value, kwargs[name])
         kwargs.setdefault(name, value)  # what the tag's weights were trained with, unless given
     features_only = kwargs.pop('features_only', False)
     wrapped_features = features_only and ('feature_cfg' in kwargs or 'feature_cls' in kwargs)
