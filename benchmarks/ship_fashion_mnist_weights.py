@@ -41,7 +41,7 @@ LABELS = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shir
 MODEL_ARGS = dict(in_chans=1, num_classes=10, output_stride=table3.RECIPE.output_stride)
 CFG = dict(input_size=[1, table3.RECIPE.img_size, table3.RECIPE.img_size], mean=list(table3.MEAN),
            std=list(table3.STD), crop_pct=1.0, interpolation='bilinear', num_classes=10, label_names=list(LABELS),
-           license='mit', description='Fashion-MNIST, PMPL search A retrained (docs/results_fashion_mnist.md)')
+           license='apache-2.0', description='Fashion-MNIST, PMPL search A retrained (docs/results_fashion_mnist.md)')
 
 # Run in a fresh process, so that the package reads the manifest as a user's install would, with no network.
 _MEASURE = r'''
