@@ -17,8 +17,9 @@ CoordAttn in the same slots. A third search repeats search A with `--no-early-st
 Each finished run writes one small result file under benchmarks/results/fashion_mnist_56px/ (`runs/<arm>_seed<k>.json`;
 `searches/<name>/` with genotype.json, search.png, search_log.csv and result.json). A run whose result file exists is
 skipped; an unfinished one resumes from its per-epoch checkpoint in --work-dir (never committed). A run that fails is
-logged and retried on the next start. Several runners share the queue: an entry runs in the one that holds its lock. After every run the table (docs/results_fashion_mnist.md, between its markers)
-and the bar plot are rebuilt from the result files; with --commit the run's files are committed by path.
+logged and retried on the next start. Several runners share the queue: an entry runs in the one that holds its lock.
+After every run the table (docs/results_fashion_mnist.md, between its markers) and the bar plot are rebuilt from the
+result files; with --commit the run's files are committed by path.
 """
 import argparse
 import contextlib
