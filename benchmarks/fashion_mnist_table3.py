@@ -95,6 +95,7 @@ class SearchConfig:
     epochs: int = 10
     lr: float = 0.05
     arch_lr: float = 3e-2
+    arch_weight_decay: float = 0.0  # the paper's 1e-3 caps alpha below Eq. 4's gap here (see the doc)
     rho: float = 0.2
     meta_fraction: float = 0.5
     head_init: str = 'zero'
@@ -364,6 +365,7 @@ def search_argv(config: SearchConfig, data_root: str, out: str) -> List[str]:
             '--output-stride', str(RECIPE.output_stride), '--scale', *map(str, RECIPE.scale), '--color-jitter', '0',
             '-b', str(RECIPE.batch_size),
             '--epochs', str(config.epochs), '--lr', str(config.lr), '--arch-lr', str(config.arch_lr),
+            '--arch-weight-decay', str(config.arch_weight_decay),
             '--rho', str(config.rho), '--meta-fraction', str(config.meta_fraction), '--smoothing',
             str(RECIPE.smoothing), '--seed', str(config.seed), '--workers', str(RECIPE.workers), '--output', out,
             '--head-init', config.head_init, '--quiet', '--device', 'cpu']
