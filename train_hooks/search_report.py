@@ -73,7 +73,8 @@ def verdict_lines(verdict, events, rho: float) -> List[str]:
              f'argmax at the end']
     if not verdict.decided:
         lines.append('UNDECIDED: the genotype is not a decision of the search: ' + '; '.join(verdict.reasons) +
-                     '. Raise --epochs (more steps), --arch-lr or --lr, or check the data, and search again.')
+                     '. Raise --epochs (more steps), --arch-lr or --lr, lower --arch-weight-decay (it holds alpha '
+                     'near |gradient| / decay; 0 lets it grow), or check the data, and search again.')
     return lines
 
 
