@@ -171,11 +171,15 @@ import logging, sys, json, torch, timm, timm_metapool
 from timm.data import resolve_data_config
 x, tag = torch.load(sys.argv[1]), sys.argv[3]
 out = {'listed': timm.list_pretrained('*metapool*')}
-for name in (tag, tag.split('.')[0]):  # the tag, and the architecture whose default tag it is
-    model = timm.create_model(name, pretrained=True).eval()
-    with torch.no_grad():
-        out[name] = (str(model.genotype), model(x), resolve_data_config({}, model=model),
-                     model.forward_features(x).shape[-1])
+model = timm.create_model(tag, pretrained=True).eval()
+with torch.no_grad():
+    out[tag] = (str(model.genotype), model(x), resolve_data_config({}, model=model), model.forward_features(x).shape[-1])
+arch = timm.create_model(tag.split('.')[0])  # the untagged default: the base model's cfg, not the tag's data
+out['arch'] = (arch.conv_stem.in_channels, arch.num_classes, resolve_data_config({}, model=arch)['input_size'])
+try:
+    timm.create_model(tag.split('.')[0], pretrained=True)
+except RuntimeError as e:
+    out['arch_pretrained'] = str(e)
 warnings = []
 logging.getLogger('timm_metapool').addHandler(logging.Handler())
 logging.getLogger('timm_metapool').handlers[-1].emit = lambda record: warnings.append(record.getMessage())
@@ -187,7 +191,8 @@ torch.save(out, sys.argv[2])
 def test_weights_shipped_with_the_package_load_by_tag_offline(work):
     """A tag in the weights folder's manifest loads with pretrained=True and no network: genotype from the file's
     metadata, the create_model kwargs its weights need (1 channel, 10 classes, output_stride 16), and the pretrained
-    cfg that timm's resolve_data_config reads. A tag whose file is absent is not registered. Another in_chans than the
+    cfg that timm's resolve_data_config reads; the untagged architecture keeps timm's defaults. A tag whose file is
+    absent is not registered. Another in_chans than the
     weights' is built as asked, with a warning naming the flag that uses them as trained."""
     torch.manual_seed(0)
     model = randomize_bn(timm.create_model(MODEL, genotype=GENOTYPE, num_classes=10, in_chans=1, output_stride=16))
@@ -211,12 +216,15 @@ def test_weights_shipped_with_the_package_load_by_tag_offline(work):
     assert out['listed'] == [f'{MODEL}.pmpl_test']
     with torch.no_grad():
         expected = model.eval()(x)
-    for name in (f'{MODEL}.pmpl_test', MODEL):
-        genotype, logits, data_config, last_map = out[name]
-        assert genotype == GENOTYPE.to_string() and last_map == 4  # 56 px / 16
-        torch.testing.assert_close(logits, expected)
-        assert data_config['input_size'] == (1, 56, 56) and data_config['mean'] == (0.286,)
-        assert data_config['crop_pct'] == 1.0 and data_config['interpolation'] == 'bilinear'
+    genotype, logits, data_config, last_map = out[f'{MODEL}.pmpl_test']
+    assert genotype == GENOTYPE.to_string() and last_map == 4  # 56 px / 16
+    torch.testing.assert_close(logits, expected)
+    assert data_config['input_size'] == (1, 56, 56) and data_config['mean'] == (0.286,)
+    assert data_config['crop_pct'] == 1.0 and data_config['interpolation'] == 'bilinear'
+    # The architecture without a tag keeps timm's defaults (a default tag would have made it 1 channel, 10 classes)
+    # and pretrained=True on it names the tag.
+    assert out['arch'] == (3, 1000, (3, 224, 224))
+    assert f"name one of its tags: timm.create_model('{MODEL}.pmpl_test', pretrained=True)" in out['arch_pretrained']
     # validate.py passes in_chans=3 unless given --in-chans: built as asked, with a warning that names the fix.
     in_channels, warnings = out['in_chans_3']
     assert in_channels == 3 and len(warnings) == 1

@@ -5,6 +5,7 @@ architectures load each other's weights silently. The references here are timm's
 """
 import argparse
 import logging
+import os
 import shlex
 
 import pytest
@@ -235,8 +236,11 @@ def test_training_a_search_space_outside_pmpl_warns_once(caplog):
 
 
 def test_only_tags_with_weights_are_listed_and_pretrained_without_weights_fails_at_once():
-    assert timm.list_pretrained('*metapool*') == sorted(PRETRAINED_TAGS) == []  # no weights exist yet
-    assert not [m for m in timm.list_models(pretrained=True) if 'metapool' in m]
+    listed = timm.list_pretrained('*metapool*')
+    assert listed == sorted(PRETRAINED_TAGS)  # the tags the package ships (timm_metapool/weights), each with its file
+    assert all(os.path.isfile(PRETRAINED_TAGS[tag]['file']) for tag in listed)
+    assert [m for m in timm.list_models(pretrained=True) if 'metapool' in m] == listed
+    assert not [tag for tag in listed if tag.startswith('mobilenetv2_metapool_100.')]  # no weights for the 100
     for kwargs in ({}, {'genotype': 'skip'}):
         with pytest.raises(RuntimeError, match='mobilenetv2_metapool_100 has no pretrained weights.*local-dir:'):
             timm.create_model('mobilenetv2_metapool_100', pretrained=True, **kwargs)

@@ -86,14 +86,13 @@ def _build_with_slots(
     return add_meta_pooling(model, genotype=genotype)
 
 
-def warn_tag_arg_overridden(variant: str, tag: Any, name: str, trained: Any, given: Any) -> None:
+def warn_tag_arg_overridden(tag: str, name: str, trained: Any, given: Any) -> None:
     """Say that a create_model kwarg differs from the one the pretrained tag's weights were trained with: timm adapts
     the weights where it can (the stem for another `in_chans`, a new classifier), and timm's validate.py passes
     in_chans=3 unless told otherwise, which then fails on the tag's own data."""
     flag = '--' + name.replace('_', '-')
     _logger.warning(
-        f'{variant}.{tag if isinstance(tag, str) else "(default tag)"}: its weights were trained with {name}={trained}'
-        f' but {name}={given} was given; timm adapts the weights to it where it can. To use them as trained, pass '
+        f'{tag}: its weights were trained with {name}={trained} but {name}={given} was given; timm adapts the weights to it where it can. To use them as trained, pass '
         f'{name}={trained} (timm scripts: {flag} {trained}).')
 
 
@@ -111,10 +110,9 @@ def create_metapool_model(
     timm's wrapper around the model with slots).
     """
     base = METAPOOL_FAMILIES[variant]
-    for name, value in tag_model_args(variant, pretrained, kwargs.get('pretrained_cfg'),
-                                      kwargs.get('pretrained_cfg_overlay')).items():
+    for name, value in tag_model_args(variant, kwargs.get('pretrained_cfg')).items():
         if name in kwargs and kwargs[name] != value:
-            warn_tag_arg_overridden(variant, kwargs.get('pretrained_cfg'), name, value, kwargs[name])
+            warn_tag_arg_overridden(f"{variant}.{kwargs['pretrained_cfg']}", name, value, kwargs[name])
         kwargs.setdefault(name, value)  # what the tag's weights were trained with, unless given
     features_only = kwargs.pop('features_only', False)
     wrapped_features = features_only and ('feature_cfg' in kwargs or 'feature_cls' in kwargs)
@@ -154,11 +152,14 @@ def _make_entrypoint(variant: str) -> Callable[..., nn.Module]:
 
 
 default_cfgs = generate_default_cfgs({
-    **{name: _cfg(base) for name, base in METAPOOL_FAMILIES.items()
-       if not any(tag.startswith(name + '.') for tag in PRETRAINED_TAGS)},
     **{tag: _cfg(base_model_name(tag), **{k: entry[k] for k in ('file', 'hf_hub_id') if k in entry},
                  **entry.get('cfg', {}))
        for tag, entry in PRETRAINED_TAGS.items()},
+    # Each architecture's default stays its untagged cfg (the base model's, no weights): timm takes in_chans and
+    # num_classes from the default cfg, so a tag for another dataset as the default would change what
+    # create_model(arch) builds. '.*' marks the default, and it must come after the tags with weights, which timm
+    # would otherwise move in front of it.
+    **{f'{name}.*': _cfg(base) for name, base in METAPOOL_FAMILIES.items()},
 })
 
 for _variant in METAPOOL_FAMILIES:

@@ -64,17 +64,13 @@ PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = read_weights_manifest(
     os.environ.get(WEIGHTS_DIR_ENV) or SHIPPED_WEIGHTS_DIR)
 
 
-def tag_model_args(variant: str, pretrained: bool, pretrained_cfg: Any = None,
-                   pretrained_cfg_overlay: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The create_model kwargs that the pretrained tag in use needs (its manifest's `model_args`): for a tag named
-    ('ARCH.TAG'), or for pretrained=True without a cfg or overlay of the user's own (the arch's default tag)."""
-    if isinstance(pretrained_cfg, str):
-        tag = f'{variant}.{pretrained_cfg}'
-    elif pretrained and pretrained_cfg is None and not pretrained_cfg_overlay:
-        tag = next((t for t in PRETRAINED_TAGS if t.startswith(variant + '.')), '')
-    else:
+def tag_model_args(variant: str, pretrained_cfg: Any = None) -> Dict[str, Any]:
+    """The create_model kwargs that the pretrained tag named ('ARCH.TAG') needs (its manifest's `model_args`); none
+    for an architecture's untagged default, which has no weights."""
+    if not isinstance(pretrained_cfg, str):
         return {}
-    return dict(PRETRAINED_TAGS.get(tag, {}).get('model_args', {}))
+    return dict(PRETRAINED_TAGS.get(f'{variant}.{pretrained_cfg}', {}).get('model_args', {}))
+
 
 SAFETENSORS_GENOTYPE_KEY = 'genotype'
 SAFETENSORS_CHECKSUM_KEY = 'weights_sha256'  # integrity.weights_checksum of the tensors, checked on load
@@ -203,8 +199,10 @@ def name_config_file_in_errors() -> None:
 
 
 def _no_weights(variant: str) -> RuntimeError:
-    return RuntimeError(f"{variant} has no pretrained weights (tags with weights: "
-                        f"{', '.join(PRETRAINED_TAGS) or 'none'}). {_INSTEAD}")
+    tags = [t for t in PRETRAINED_TAGS if t.startswith(variant + '.')]
+    named = (f"; name one of its tags: timm.create_model({tags[0]!r}, pretrained=True)" if tags else
+             f" (tags with weights: {', '.join(PRETRAINED_TAGS) or 'none'})")
+    return RuntimeError(f"{variant} has no pretrained weights{named}. {_INSTEAD}")
 
 
 def _download_config(repo_id: str) -> str:
