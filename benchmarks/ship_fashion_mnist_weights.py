@@ -4,9 +4,9 @@
                                                                      # number of a PMPL retrain existed
     python benchmarks/ship_fashion_mnist_weights.py --check-only     # re-measure the shipped tag on the test split
 
-Takes the finished retrain's checkpoint from the Table 3 runner's work dir, exports it with the package's own
-`export_for_hub` (genotype in the safetensors metadata, load checked against the model), copies `model.safetensors`
-into `timm_metapool/weights/` and registers the tag in its `manifest.json` with the create_model kwargs the weights
+Takes the weights that the Table 3 runner exported with the package's own `export_for_hub` when that retrain
+finished (benchmarks/results/fashion_mnist_56px/weights/, committed with the run: genotype and checksum in the
+safetensors metadata), copies them into `timm_metapool/weights/` and registers the tag in its `manifest.json` with the create_model kwargs the weights
 need (1 channel, 10 classes, `output_stride=16`) and the pretrained cfg of the recipe's test transform. Then, in a
 fresh process with no network, it loads the tag with `timm.create_model(TAG, pretrained=True)`, builds the transform
 with timm's `resolve_data_config({}, model=m)` + `create_transform`, runs it on the raw test images from Debian's
@@ -14,28 +14,23 @@ package and checks that top-1 equals the retrain's last-epoch test top-1. The ou
 benchmarks/results/fashion_mnist_56px/shipped_weights.json.
 """
 import argparse
-import dataclasses
-import gzip
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from typing import Dict
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fashion_mnist_table3 as table3  # noqa: E402
-from timm_metapool.hub import export_for_hub  # noqa: E402
-from timm_metapool.pretrained import SHIPPED_WEIGHTS_DIR, WEIGHTS_MANIFEST  # noqa: E402
+from timm_metapool.pretrained import (  # noqa: E402
+    SHIPPED_WEIGHTS_DIR, WEIGHTS_MANIFEST, read_safetensors_genotype)
 
 ARCH = table3.RECIPE.model
 TAG = f'{ARCH}.pmpl_fashion_mnist'
 FILE = f'{ARCH}_pmpl_fashion_mnist.safetensors'
-SHIPPED_ARM, SHIPPED_SEED = 'pmpl_a', 0
+SHIPPED_ARM, SHIPPED_SEED = table3.SHIPPED_RUN
 RECORD = os.path.join(table3.RESULTS_DIR, 'shipped_weights.json')
 LABELS = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 MODEL_ARGS = dict(in_chans=1, num_classes=10, output_stride=table3.RECIPE.output_stride)
@@ -68,36 +63,31 @@ print(json.dumps(dict(top1=100.0 * correct / len(images), images=len(images), ge
 '''
 
 
-def finished_retrain(arm: str, seed: int, work_dir: str) -> Dict:
-    """The runner's result and checkpoint of a retrain that finished with the current recipe, or a SystemExit."""
+def finished_retrain(arm: str, seed: int) -> Dict:
+    """The runner's result of a retrain finished with the current recipe and the weights it exported into the
+    results (`fashion_mnist_table3.export_shipped_run`), or a SystemExit that says what is missing."""
     task = table3.Task('retrain', arm, seed)
     if not table3.is_finished(task):
         raise SystemExit(f'error: {task.run_id} has no result made with the current recipe; let the Table 3 runner '
                          f'finish it first (python benchmarks/fashion_mnist_table3.py --status).')
     with open(table3.result_path(task)) as f:
         result = json.load(f)
-    checkpoint = os.path.join(work_dir, 'checkpoints', f'{task.run_id}.pth')
-    if not os.path.isfile(checkpoint):
-        raise SystemExit(f'error: {checkpoint} not found: the weights of {task.run_id} stay in the work dir of the '
-                         f'machine that trained them; rerun it there or on this machine.')
-    saved = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    if saved['recipe'] != dataclasses.asdict(table3.RECIPE) or saved['state']['epoch'] != table3.RECIPE.epochs \
-            or saved['genotype'] != result['genotype']:
-        raise SystemExit(f'error: {checkpoint} is not the finished run of {table3.result_path(task)} (recipe, epochs '
-                         f'or genotype differ); rerun the entry.')
-    return dict(result=result, checkpoint=checkpoint, state_dict=saved['model'])
+    weights = table3.shipped_run_weights()
+    if not os.path.isfile(weights):
+        raise SystemExit(f'error: {weights} not found: the runner exports it when {task.run_id} finishes; rerun '
+                         f'that entry (python benchmarks/fashion_mnist_table3.py --only {task.run_id}).')
+    exported = read_safetensors_genotype(weights)
+    if exported != result['genotype']:
+        raise SystemExit(f'error: {weights} holds genotype {exported}, but {task.run_id} trained '
+                         f'{result["genotype"]}; rerun the entry.')
+    return dict(result=result, weights=weights)
 
 
-def export_and_register(retrain: Dict, weights_dir: str) -> str:
-    """Export the retrain with the package's export, copy its safetensors into `weights_dir`, register TAG."""
-    model = table3.build_model(retrain['result']['genotype'], None)
-    model.load_state_dict(retrain['state_dict'])
-    data_config = {k: v for k, v in CFG.items() if k in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')}
-    with tempfile.TemporaryDirectory() as tmp:
-        export = export_for_hub(model.eval(), os.path.join(tmp, 'export'), model_name=ARCH, data_config=data_config)
-        os.makedirs(weights_dir, exist_ok=True)
-        shutil.copyfile(export / 'model.safetensors', os.path.join(weights_dir, FILE + '.tmp'))
-        os.replace(os.path.join(weights_dir, FILE + '.tmp'), os.path.join(weights_dir, FILE))
+def register(retrain: Dict, weights_dir: str) -> str:
+    """Copy the exported weights into `weights_dir` and register TAG in its manifest."""
+    os.makedirs(weights_dir, exist_ok=True)
+    shutil.copyfile(retrain['weights'], os.path.join(weights_dir, FILE + '.tmp'))
+    os.replace(os.path.join(weights_dir, FILE + '.tmp'), os.path.join(weights_dir, FILE))
     manifest_path = os.path.join(weights_dir, WEIGHTS_MANIFEST)
     manifest = {'tags': {}}
     if os.path.exists(manifest_path):
@@ -125,7 +115,6 @@ def sha256(path: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--work-dir', default=os.path.join(table3.REPO_DIR, 'runs', 'fashion_mnist_56px'))
     parser.add_argument('--weights-dir', default=SHIPPED_WEIGHTS_DIR, help='where the tag is registered')
     parser.add_argument('--check-only', action='store_true', help='only re-measure the tag already shipped')
     args = parser.parse_args()
@@ -133,8 +122,7 @@ def main() -> None:
     with open(table3.result_path(task)) as f:
         runner_top1 = json.load(f)['top1']
     if not args.check_only:
-        retrain = finished_retrain(SHIPPED_ARM, SHIPPED_SEED, args.work_dir)
-        print(f'exported {export_and_register(retrain, args.weights_dir)}')
+        print(f'registered {register(finished_retrain(SHIPPED_ARM, SHIPPED_SEED), args.weights_dir)}')
     measured = measure_shipped(args.weights_dir)
     record = dict(tag=TAG, file=FILE, sha256=sha256(os.path.join(args.weights_dir, FILE)), source=task.run_id,
                   runner_test_top1=runner_top1, shipped_test_top1=measured['top1'], genotype=measured['genotype'],
