@@ -92,8 +92,8 @@ def warn_tag_arg_overridden(tag: str, name: str, trained: Any, given: Any) -> No
     in_chans=3 unless told otherwise, which then fails on the tag's own data."""
     flag = '--' + name.replace('_', '-')
     _logger.warning(
-        f'{tag}: its weights were trained with {name}={trained} but {name}={given} was given; timm adapts the weights to it where it can. To use them as trained, pass '
-        f'{name}={trained} (timm scripts: {flag} {trained}).')
+        f'{tag}: its weights were trained with {name}={trained} but {name}={given} was given; timm adapts the '
+        f'weights to it where it can. To use them as trained, pass {name}={trained} (timm scripts: {flag} {trained}).')
 
 
 def create_metapool_model(
