@@ -39,7 +39,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -305,14 +305,18 @@ def train_epoch(model, loader, optimizer, scheduler, epoch: int) -> Dict[str, fl
     return dict(train_loss=loss_sum / total, train_top1=100.0 * correct / total, lr=optimizer.param_groups[0]['lr'])
 
 
-def retrain(task: Task, data_root: str, work_dir: str) -> Dict:
-    """Train `task`'s arm from scratch with RECIPE, resuming from its per-epoch checkpoint in `work_dir`."""
+def retrain(task: Task, data_root: str, work_dir: str, compile_model: bool = True) -> Dict:
+    """Train `task`'s arm from scratch with RECIPE, resuming from its per-epoch checkpoint in `work_dir`.
+
+    With `compile_model` the steps run through `torch.compile` (static shapes): the same fp32 computation, fused, so
+    the recipe is unchanged; each epoch row records whether it was compiled."""
     arm = ARMS[task.name]
     genotype = resolve_genotype(arm, task.seed)
     seed_everything(task.seed)
     model = build_model(genotype, arm.attention)
     if RECIPE.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model, dynamic=False) if compile_model else model  # `model` keeps the plain state_dict keys
     train_loader, test_loader = make_loaders(data_root)
     steps = len(train_loader)
     optimizer = torch.optim.SGD(model.parameters(), lr=RECIPE.lr, momentum=RECIPE.momentum,
@@ -333,14 +337,14 @@ def retrain(task: Task, data_root: str, work_dir: str) -> Dict:
         epoch = state['epoch']
         seed_everything(task.seed * 1000 + epoch)  # shuffling and augmentation of an epoch survive a resume
         epoch_start = time.time()
-        row = train_epoch(model, train_loader, optimizer, scheduler, epoch)
+        row = train_epoch(net, train_loader, optimizer, scheduler, epoch)
         eval_start = time.time()
-        row['test_top1'], row['test_loss'] = evaluate(model, test_loader)
+        row['test_top1'], row['test_loss'] = evaluate(net, test_loader)
         state['train_time_s'] += eval_start - epoch_start
         state['eval_time_s'] += time.time() - eval_start
         row.update(epoch=epoch + 1, train_time_s=round(eval_start - epoch_start, 1),
                    eval_time_s=round(time.time() - eval_start, 1), load_avg_1m=os.getloadavg()[0],
-                   elapsed_s=round(state['train_time_s'] + state['eval_time_s'], 1))
+                   elapsed_s=round(state['train_time_s'] + state['eval_time_s'], 1), compiled=compile_model)
         state['history'].append(row)
         state['epoch'] = epoch + 1
         print(f"  {task.run_id} epoch {epoch + 1}/{RECIPE.epochs}: train loss {row['train_loss']:.4f} top1 "
@@ -609,6 +613,37 @@ def table_rows(runs: Dict[str, Dict[int, Dict]], sizes: Dict[str, Dict]) -> List
     return lines
 
 
+def epoch_ranges(epochs: Iterable[int]) -> str:
+    """`1, 2, 3, 7` -> `1-3, 7`."""
+    spans: List[List[int]] = []
+    for e in epochs:
+        if spans and e == spans[-1][1] + 1:
+            spans[-1][1] = e
+        else:
+            spans.append([e, e])
+    return ', '.join(f'{a}-{b}' if b > a else str(a) for a, b in spans)
+
+
+def execution_note(runs: Dict[str, Dict[int, Dict]]) -> str:
+    """Which finished runs trained eagerly (before the runner used torch.compile) and which through torch.compile."""
+    eager, mixed, compiled = [], [], []
+    for name in ARMS:
+        for seed, run in sorted(runs[name].items()):
+            flags = [bool(row.get('compiled')) for row in run['epochs']]  # rows before the flag existed: eager
+            label = f'{name} seed {seed}'
+            if not any(flags):
+                eager.append(label)
+            elif all(flags):
+                compiled.append(label)
+            else:
+                mixed.append(f'{label} (compiled epochs {epoch_ranges(e for e, c in enumerate(flags, 1) if c)})')
+    parts = [f'{title}: {", ".join(labels)}' for title, labels in
+             (('eager', eager), ('partly compiled', mixed), ('torch.compile', compiled))
+             if labels]
+    return ('Execution (the same fp32 computation either way; see "Eager and compiled retrains" below): '
+            + '; '.join(parts) + '.') if parts else ''
+
+
 def trained_genotype(runs: Dict[str, Dict[int, Dict]], name: str, seed: int) -> Optional[str]:
     """The genotype a finished run trained (recorded in its result file), else the one it will train."""
     if seed in runs[name]:
@@ -711,6 +746,8 @@ def generated_report(with_latency: bool = True) -> str:
              f'{RECIPE.img_size} px (supernet): {", ".join(f"{h}x{w}" for h, w in slot_map_sizes(build_model(None, None)))}.',
              '',
              '### Top-1 on the 10,000-image test split', ''] + table_rows(runs, sizes)
+    note = execution_note(runs)
+    lines += ['', note] if note else []
     lines += ['', 'Params, MACs and latency: batch 1, 1 x 56 x 56, one thread, all models timed interleaved in the '
               'same process (median of 30 rounds; the machine is shared, so compare the column, not the absolute '
               'values); Random is measured with `random:0`.', '']
@@ -747,11 +784,11 @@ def write_report(with_latency: bool = True) -> str:
 # ---------------------------------------------------------------- runner
 
 
-def run_task(task: Task, data_root: str, work_dir: str) -> List[str]:
+def run_task(task: Task, data_root: str, work_dir: str, compile_model: bool = True) -> List[str]:
     """Run one queue entry and write its result files; returns their paths."""
     if task.kind == 'search':
         return publish_search(task, run_search(task, data_root, work_dir))
-    result = retrain(task, data_root, work_dir)
+    result = retrain(task, data_root, work_dir, compile_model=compile_model)
     path = result_path(task)
     written = [export_shipped_run(task, result)] if (task.name, task.seed) == SHIPPED_RUN else []
     write_json(result, path)
@@ -807,7 +844,7 @@ def entry_lock(work_dir: str, task: Task) -> Iterator[bool]:
 
 
 def run_queue(queue: Sequence[Task], data_root: str, work_dir: str, commit: bool, max_runs: Optional[int],
-              poll_s: float = 60.0, gate: bool = True) -> None:
+              poll_s: float = 60.0, gate: bool = True, compile_model: bool = True) -> None:
     """Run the first unfinished, ready entry that no other runner holds, until none is left; wait while the only
     ones left wait for entries that other runners are running. A failure is logged and retried on the next start.
     Without `gate`, retrains do not wait for the convergence check."""
@@ -823,7 +860,7 @@ def run_queue(queue: Sequence[Task], data_root: str, work_dir: str, commit: bool
                 started = True
                 print(f'[{time.strftime("%H:%M:%S")}] start {task.run_id}', flush=True)
                 try:
-                    paths = run_task(task, data_root, work_dir)
+                    paths = run_task(task, data_root, work_dir, compile_model=compile_model)
                 except (Exception, SystemExit) as error:  # the search CLI reports its errors as SystemExit
                     print(f'[{time.strftime("%H:%M:%S")}] FAILED {task.run_id}: {error!r}\n'
                           f'{traceback.format_exc()}', flush=True)
@@ -858,6 +895,14 @@ def only_entry(queue: Sequence[Task], run_id: str) -> Task:
     return task
 
 
+def require_cxx_compiler() -> None:
+    """torch.compile on CPU builds C++ kernels; without a compiler it fails only at the first step, obscurely."""
+    compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++') or shutil.which('clang++')
+    if compiler is None:
+        raise SystemExit('error: torch.compile needs a C++ compiler on CPU and none was found (set CXX, or install '
+                         'g++); or pass --no-compile to run the retrains eagerly.')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--work-dir', default=os.path.join(REPO_DIR, 'runs', 'fashion_mnist_56px'),
@@ -869,6 +914,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--only', metavar='RUN_ID', default=None,
                         help="run this one entry (as --status names it, e.g. pmpl_a_seed0) even while the convergence "
                              "check holds retrains; a PMPL retrain still needs its search")
+    parser.add_argument('--no-compile', action='store_true',
+                        help='run retrains eagerly instead of through torch.compile (which needs a C++ compiler on CPU)')
     parser.add_argument('--status', action='store_true', help='print the queue and exit')
     parser.add_argument('--report-only', action='store_true', help='rebuild the table and plot and exit')
     args = parser.parse_args(argv)
@@ -880,13 +927,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.report_only:
         print(write_report())
         return
+    if not args.no_compile:
+        require_cxx_compiler()
     data_root = prepare_data(os.path.join(args.work_dir, 'data'))
     print(f'Table 3 runner ({args.lane}, pid {os.getpid()}): {sum(is_finished(t) for t in queue)}/{len(queue)} '
           f'finished; recipe {RECIPE}; searches {SEARCHES}', flush=True)
     if args.only:
         queue = [only_entry(queue, args.only)]
     run_queue([t for t in queue if args.lane in ('all', t.kind)], data_root, args.work_dir, args.commit,
-              args.max_runs, gate=not args.only)
+              args.max_runs, gate=not args.only, compile_model=not args.no_compile)
     write_report()
     print('queue done' if all(is_finished(t) for t in queue) else 'stopped with entries left (see --status)',
           flush=True)
