@@ -34,7 +34,8 @@ def step_fn(model: torch.nn.Module, forward: Callable, x: torch.Tensor, y: torch
 
 
 def errors_against_fp64(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
-    """Max |output - fp64 output| and ||grad - fp64 grad|| / ||fp64 grad|| of one train-mode step, eager and compiled."""
+    """Max |output - fp64 output| and ||grad - fp64 grad|| / ||fp64 grad|| of one train-mode step, eager and
+    compiled."""
     def run(module: torch.nn.Module, forward: Callable, inputs: torch.Tensor):
         out = forward(inputs)
         F.cross_entropy(out, y).backward()
@@ -42,7 +43,8 @@ def errors_against_fp64(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     reference, eager, compiled = copy.deepcopy(model).double(), copy.deepcopy(model), copy.deepcopy(model)
     out64, grad64 = run(reference, reference, x.double())
     result = {}
-    for name, module, forward in (('eager', eager, eager), ('compiled', compiled, torch.compile(compiled, dynamic=False))):
+    variants = (('eager', eager, eager), ('compiled', compiled, torch.compile(compiled, dynamic=False)))
+    for name, module, forward in variants:
         out, grad = run(module, forward, x)
         result[f'{name}_out_err'] = (out - out64).abs().max().item()
         result[f'{name}_grad_rel_err'] = ((grad - grad64).norm() / grad64.norm()).item()
@@ -53,11 +55,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--arms', nargs='+', default=['skip', 'global'], choices=list(table3.ARMS))
     parser.add_argument('--rounds', type=int, default=10)
-    parser.add_argument('--seed', type=int, default=1, help='genotype seed for the random arm; PMPL arms need their search')
+    parser.add_argument('--seed', type=int, default=1,
+                        help='genotype seed for the random arm; PMPL arms need their search')
     args = parser.parse_args()
     torch.set_num_threads(1)
     recipe = table3.RECIPE
-    print(f'torch {torch.__version__}, one thread, batch {recipe.batch_size}, {recipe.img_size} px, channels-last', flush=True)
+    print(f'torch {torch.__version__}, one thread, batch {recipe.batch_size}, {recipe.img_size} px, channels-last',
+          flush=True)
     for arm_name in args.arms:
         arm = table3.ARMS[arm_name]
         torch.manual_seed(0)

@@ -218,7 +218,8 @@ def with_timm_attention(model: torch.nn.Module, attention: str) -> torch.nn.Modu
     all-`skip`, so the slot is empty otherwise)."""
     for block in model.enhancer_blocks():
         channels = block.conv_dw.out_channels
-        setattr(block, slot_attr(), SqueezeExcite(channels, rd_ratio=0.25) if attention == 'se' else CoordAttn(channels))
+        enhancer = SqueezeExcite(channels, rd_ratio=0.25) if attention == 'se' else CoordAttn(channels)
+        setattr(block, slot_attr(), enhancer)
     return model
 
 
@@ -360,7 +361,8 @@ def retrain(task: Task, data_root: str, work_dir: str, compile_model: bool = Tru
         recipe=dataclasses.asdict(RECIPE), command=f'{COMMAND}  (queue entry {task.run_id})',
         top1=final['test_top1'], epochs=state['history'],
         train_time_s=round(state['train_time_s'], 1), eval_time_s=round(state['eval_time_s'], 1),
-        image_passes=dict(train_fwd_bwd=RECIPE.epochs * steps * RECIPE.batch_size, test_fwd=RECIPE.epochs * TEST_IMAGES),
+        image_passes=dict(train_fwd_bwd=RECIPE.epochs * steps * RECIPE.batch_size,
+                          test_fwd=RECIPE.epochs * TEST_IMAGES),
         environment=environment(load_start), checkpoint=checkpoint,
     )
 
@@ -421,7 +423,8 @@ def run_search(task: Task, data_root: str, work_dir: str) -> Dict:
     per_step = RECIPE.batch_size * 2  # Algorithm 1: fwd+bwd of a train batch and of a meta batch per step
     return dict(
         kind='search', name=task.name, config=dataclasses.asdict(config), recipe=search_recipe(),
-        command='python -m train_hooks.search ' + ' '.join(argv), genotype=','.join(summary['ops']), epochs_run=summary['epochs_run'],
+        command='python -m train_hooks.search ' + ' '.join(argv), genotype=','.join(summary['ops']),
+        epochs_run=summary['epochs_run'],
         steps_run=steps, steps_per_epoch=data['train_images'] // RECIPE.batch_size,  # the last partial batch is dropped
         train_images=data['train_images'], meta_images=data['meta_images'],
         image_passes=dict(fwd_bwd=steps * per_step), search_time_s=summary['search_time_s'],
@@ -740,10 +743,11 @@ def generated_report(with_latency: bool = True) -> str:
               f"{'met' if min(skip_accs) >= ISSUE_TARGET_TOP1 else 'NOT met'} (all-skip per seed: "
               f"{', '.join(f'{a:.2f}' for a in skip_accs)}; the gate that holds retrains is {GATE_SKIP_TOP1} %)")
     plotted = plot(runs, os.path.join(RESULTS_DIR, 'accuracy.png'))
+    slot_maps = ', '.join(f'{h}x{w}' for h, w in slot_map_sizes(build_model(None, None)))
     lines = [DOC_BEGIN, '', f'Rebuilt from the result files on {time.strftime("%Y-%m-%d %H:%M")}: **{done} of '
              f'{len(queue)} queue entries finished**; `pending` marks runs not finished yet. Issue 21\'s target '
              f'(all-skip >= {ISSUE_TARGET_TOP1:.0f} % on the test split): {target}. Map each slot sees at '
-             f'{RECIPE.img_size} px (supernet): {", ".join(f"{h}x{w}" for h, w in slot_map_sizes(build_model(None, None)))}.',
+             f'{RECIPE.img_size} px (supernet): {slot_maps}.',
              '',
              '### Top-1 on the 10,000-image test split', ''] + table_rows(runs, sizes)
     note = execution_note(runs)
@@ -910,12 +914,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--commit', action='store_true', help="commit each finished run's result files (by path)")
     parser.add_argument('--max-runs', type=int, default=None, help='stop after this many finished runs')
     parser.add_argument('--lane', choices=LANES, default='all',
-                        help='run only the searches or only the retrains (runners share the queue: each entry runs in one)')
+                        help='run only the searches or only the retrains '
+                             '(runners share the queue: each entry runs in one)')
     parser.add_argument('--only', metavar='RUN_ID', default=None,
                         help="run this one entry (as --status names it, e.g. pmpl_a_seed0) even while the convergence "
                              "check holds retrains; a PMPL retrain still needs its search")
     parser.add_argument('--no-compile', action='store_true',
-                        help='run retrains eagerly instead of through torch.compile (which needs a C++ compiler on CPU)')
+                        help='run retrains eagerly instead of through torch.compile '
+                             '(which needs a C++ compiler on CPU)')
     parser.add_argument('--status', action='store_true', help='print the queue and exit')
     parser.add_argument('--report-only', action='store_true', help='rebuild the table and plot and exit')
     args = parser.parse_args(argv)
