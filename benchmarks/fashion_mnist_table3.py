@@ -306,8 +306,9 @@ def train_epoch(model, loader, optimizer, scheduler, epoch: int) -> Dict[str, fl
     return dict(train_loss=loss_sum / total, train_top1=100.0 * correct / total, lr=optimizer.param_groups[0]['lr'])
 
 
-def retrain(task: Task, data_root: str, work_dir: str, compile_model: bool = True) -> Dict:
-    """Train `task`'s arm from scratch with RECIPE, resuming from its per-epoch checkpoint in `work_dir`.
+def retrain(task: Task, data_root: str, work_dir: str, compile_model: bool = True) -> Tuple[torch.nn.Module, Dict]:
+    """Train `task`'s arm from scratch with RECIPE, resuming from its per-epoch checkpoint in `work_dir`; returns the
+    trained model and the result record.
 
     With `compile_model` the steps run through `torch.compile` (static shapes): the same fp32 computation, fused, so
     the recipe is unchanged; each epoch row records whether it was compiled."""
@@ -356,7 +357,7 @@ def retrain(task: Task, data_root: str, work_dir: str, compile_model: bool = Tru
                         optimizer=optimizer.state_dict(), state=state), checkpoint + '.tmp')
         os.replace(checkpoint + '.tmp', checkpoint)
     final = state['history'][-1]
-    return dict(
+    return model, dict(
         kind='retrain', arm=arm.name, label=arm.label, seed=task.seed, genotype=genotype, attention=arm.attention,
         recipe=dataclasses.asdict(RECIPE), command=f'{COMMAND}  (queue entry {task.run_id})',
         top1=final['test_top1'], epochs=state['history'],
@@ -792,9 +793,9 @@ def run_task(task: Task, data_root: str, work_dir: str, compile_model: bool = Tr
     """Run one queue entry and write its result files; returns their paths."""
     if task.kind == 'search':
         return publish_search(task, run_search(task, data_root, work_dir))
-    result = retrain(task, data_root, work_dir, compile_model=compile_model)
+    model, result = retrain(task, data_root, work_dir, compile_model=compile_model)
     path = result_path(task)
-    written = [export_shipped_run(task, result)] if (task.name, task.seed) == SHIPPED_RUN else []
+    written = [export_shipped_run(model)] if (task.name, task.seed) == SHIPPED_RUN else []
     write_json(result, path)
     if result['arm'] == 'skip' and result['top1'] < GATE_SKIP_TOP1:
         print(f'  WARNING: all-skip seed {task.seed} ended at {result["top1"]:.2f} % < {GATE_SKIP_TOP1} %: the '
@@ -807,14 +808,11 @@ def shipped_run_weights() -> str:
     return os.path.join(RESULTS_DIR, 'weights', f'{SHIPPED_RUN[0]}_seed{SHIPPED_RUN[1]}.safetensors')
 
 
-def export_shipped_run(task: Task, result: Dict) -> str:
+def export_shipped_run(model: torch.nn.Module) -> str:
     """The final weights of the run that ships as the pretrained tag, exported with the package's `export_for_hub`
     (genotype and checksum in the metadata) into the results, so that they are committed with the run: the
     checkpoint in the work dir does not outlive the machine. `ship_fashion_mnist_weights.py` registers them."""
     from timm_metapool.hub import export_for_hub
-    saved = torch.load(result['checkpoint'], map_location='cpu', weights_only=False)
-    model = build_model(result['genotype'], None)
-    model.load_state_dict(saved['model'])
     out = shipped_run_weights()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
