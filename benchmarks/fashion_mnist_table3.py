@@ -19,7 +19,8 @@ Each finished run writes one small result file under benchmarks/results/fashion_
 skipped; an unfinished one resumes from its per-epoch checkpoint in --work-dir (never committed). A run that fails is
 logged and retried on the next start. Several runners share the queue: an entry runs in the one that holds its lock.
 After every run the table (docs/results_fashion_mnist.md, between its markers) and the bar plot are rebuilt from the
-result files; with --commit the run's files are committed by path.
+result files; with --commit the run's files are committed by path. Retrains run through torch.compile, which needs a
+C++ compiler on CPU (`--no-compile` runs them eagerly; each epoch row records which).
 """
 import argparse
 import contextlib
