@@ -696,6 +696,36 @@ def search_rows(searches: Dict[str, Dict]) -> List[str]:
     return lines
 
 
+def search_cost_rows() -> List[str]:
+    """The two searches of `benchmarks/search_cost.py`, run back to back in one process (empty until it has run)."""
+    path = os.path.join(RESULTS_DIR, 'search_cost.json')
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        cost = json.load(f)
+    lines = ['Measured the same way (`benchmarks/search_cost.py`: the two searches back to back in one process, one '
+             'thread, the other core running one retrain throughout; '
+             '[search_cost.json](../benchmarks/results/fashion_mnist_56px/search_cost.json)):', '',
+             '| search | early stopping | steps | slots fixed by Eq. 4 | image passes (fwd+bwd) | wall time (s) | '
+             's per step | load avg (start → end) |', '|---|---|---|---|---|---|---|---|']
+    for name in ('pmpl_a', 'pmpl_a_no_early_stop'):
+        if name not in cost:
+            lines.append(f'| {name} | {SEARCHES[name].early_stop} | pending |  |  |  |  |  |')
+            continue
+        c, env = cost[name], cost[name]['environment']
+        lines.append(f"| {name} | {c['early_stop']} | {c['steps']} | {len(c['forced']) - sum(c['forced'])} / "
+                     f"{len(c['forced'])} | {c['image_passes_fwd_bwd']:,} | {c['wall_s']:.0f} | "
+                     f"{c['s_per_step']:.3f} | {env['load_avg_1m_start']:.1f} → {env['load_avg_1m_end']:.1f} |")
+    if len(cost) == 2:
+        a, b = cost['pmpl_a'], cost['pmpl_a_no_early_stop']
+        passes = b['image_passes_fwd_bwd'] / a['image_passes_fwd_bwd']
+        lines += ['', f"Without early stopping the search costs {passes:.2f}x the image passes and "
+                  f"{b['wall_s'] / a['wall_s']:.2f}x the wall time; a step costs "
+                  f"{b['s_per_step'] / a['s_per_step']:.2f}x as much on average, since a fixed slot runs one "
+                  f"candidate instead of eight and no longer updates its alpha."]
+    return lines + ['']
+
+
 def curve_rows(runs: Dict[str, Dict[int, Dict]]) -> List[str]:
     """Test top-1 per epoch, seed 0 of each arm (the convergence check)."""
     epochs = RECIPE.epochs
@@ -760,7 +790,7 @@ def generated_report(with_latency: bool = True) -> str:
     if plotted:
         lines += ['![Fashion-MNIST top-1 per arm](../benchmarks/results/fashion_mnist_56px/accuracy.png)', '']
     lines += ['### Genotypes', ''] + genotype_rows(runs)
-    lines += ['', '### Searches', ''] + search_rows(searches) + ['']
+    lines += ['', '### Searches', ''] + search_rows(searches) + [''] + search_cost_rows()
     for name in searches:
         lines.append(f'![{name}](../benchmarks/results/fashion_mnist_56px/searches/{name}/search.png)')
     lines += ['', '### Test top-1 per epoch (seed 0)', ''] + curve_rows(runs) + ['', DOC_END]
