@@ -645,7 +645,7 @@ def execution_note(runs: Dict[str, Dict[int, Dict]]) -> str:
     parts = [f'{title}: {", ".join(labels)}' for title, labels in
              (('eager', eager), ('partly compiled', mixed), ('torch.compile', compiled))
              if labels]
-    return ('Execution (the same fp32 computation either way; see "Eager and compiled retrains" below): '
+    return ('Execution (the same fp32 computation either way; see "Eager and compiled retrains" under Set-up): '
             + '; '.join(parts) + '.') if parts else ''
 
 
