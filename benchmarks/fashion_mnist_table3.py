@@ -385,6 +385,11 @@ def search_argv(config: SearchConfig, data_root: str, out: str) -> List[str]:
     return argv + ([] if config.early_stop else ['--no-early-stop'])
 
 
+def search_image_passes(steps: int) -> int:
+    """Images through fwd+bwd in `steps` search steps: Algorithm 1 passes a train batch and a meta batch per step."""
+    return steps * RECIPE.batch_size * 2
+
+
 def search_recipe() -> Dict:
     """The fields of RECIPE a search uses: a change to the retrain schedule leaves finished searches valid."""
     return json.loads(json.dumps({k: getattr(RECIPE, k) for k in SEARCH_RECIPE_FIELDS}))
@@ -422,14 +427,13 @@ def run_search(task: Task, data_root: str, work_dir: str) -> Dict:
         summary = json.load(f)
     data = summary['data']
     steps = summary['steps_run']
-    per_step = RECIPE.batch_size * 2  # Algorithm 1: fwd+bwd of a train batch and of a meta batch per step
     return dict(
         kind='search', name=task.name, config=dataclasses.asdict(config), recipe=search_recipe(),
         command='python -m train_hooks.search ' + ' '.join(argv), genotype=','.join(summary['ops']),
         epochs_run=summary['epochs_run'],
         steps_run=steps, steps_per_epoch=data['train_images'] // RECIPE.batch_size,  # the last partial batch is dropped
         train_images=data['train_images'], meta_images=data['meta_images'],
-        image_passes=dict(fwd_bwd=steps * per_step), search_time_s=summary['search_time_s'],
+        image_passes=dict(fwd_bwd=search_image_passes(steps)), search_time_s=summary['search_time_s'],
         wall_time_this_process_s=round(time.time() - start, 1), all_fixed_at_epoch=summary['all_fixed_at_epoch'],
         fixed_epoch=[e for e in summary['fixed_epoch']], forced=summary['forced'],
         environment=environment(load_start), work_dir=out,

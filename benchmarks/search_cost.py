@@ -43,7 +43,7 @@ def measure(name: str, data_root: str, work_dir: str) -> Dict:
     return dict(
         name=name, early_stop=config.early_stop, command='python -m train_hooks.search ' + ' '.join(argv),
         genotype=','.join(summary['ops']), forced=summary['forced'], epochs_run=summary['epochs_run'],
-        steps=steps, image_passes_fwd_bwd=steps * table3.RECIPE.batch_size * 2, wall_s=round(wall, 1),
+        steps=steps, image_passes_fwd_bwd=table3.search_image_passes(steps), wall_s=round(wall, 1),
         search_time_s=summary['search_time_s'], s_per_step=round(summary['search_time_s'] / steps, 4),
         environment=table3.environment(load_start))
 
@@ -66,10 +66,8 @@ def main() -> None:
         print(json.dumps(results[name], indent=1), flush=True)
     with open(table3.search_genotype_path('pmpl_a')) as f:
         queue_genotype = ','.join(json.load(f)['ops'])
-    a, b = results['pmpl_a'], results['pmpl_a_no_early_stop']
-    print(f"same genotype as the queue's search A: {a['genotype'] == queue_genotype}\n"
-          f"without / with early stopping: steps {b['steps'] / a['steps']:.2f}x, "
-          f"wall {b['wall_s'] / a['wall_s']:.2f}x, s per step {b['s_per_step'] / a['s_per_step']:.2f}x")
+    print(f"same genotype as the queue's search A: {results['pmpl_a']['genotype'] == queue_genotype}")
+    print('\n'.join(table3.search_cost_rows()))
 
 
 if __name__ == '__main__':
