@@ -7,12 +7,11 @@
 Takes the weights that the Table 3 runner exported with the package's own `export_for_hub` when that retrain
 finished (benchmarks/results/fashion_mnist_56px/weights/, committed with the run: genotype and checksum in the
 safetensors metadata), copies them into `timm_metapool/weights/` and registers the tag in its `manifest.json`
-with the create_model kwargs the weights
-need (1 channel, 10 classes, `output_stride=16`) and the pretrained cfg of the recipe's test transform. Then, in a
-fresh process with no network, it loads the tag with `timm.create_model(TAG, pretrained=True)`, builds the transform
-with timm's `resolve_data_config({}, model=m)` + `create_transform`, runs it on the raw test images from Debian's
-package and checks that top-1 equals the retrain's last-epoch test top-1. The outcome is written to
-benchmarks/results/fashion_mnist_56px/shipped_weights.json.
+with the create_model kwargs the weights need (1 channel, 10 classes, `output_stride=16`) and the pretrained cfg of
+the recipe's test transform. Then, in a fresh process with no network, it loads the tag with
+`timm.create_model(TAG, pretrained=True)`, builds the transform with timm's `resolve_data_config({}, model=m)` +
+`create_transform`, runs it on the raw test images from Debian's package and checks that top-1 equals the
+retrain's last-epoch test top-1. The outcome is written to benchmarks/results/fashion_mnist_56px/shipped_weights.json.
 """
 import argparse
 import hashlib
