@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import timm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fashion_mnist_table3 as table3  # noqa: E402
+from table3 import data, plan  # noqa: E402
 
 
 def main() -> None:
@@ -25,16 +25,16 @@ def main() -> None:
     parser.add_argument('checkpoint')
     parser.add_argument('--batches', type=int, default=12)
     parser.add_argument('--weight-decay', type=float, default=1e-3)
-    parser.add_argument('--work-dir', default=os.path.join(table3.REPO_DIR, 'runs', 'fashion_mnist_56px'))
+    parser.add_argument('--work-dir', default=os.path.join(plan.REPO_DIR, 'runs', 'fashion_mnist_56px'))
     args = parser.parse_args()
     torch.set_num_threads(1)
     saved = torch.load(args.checkpoint, map_location='cpu', weights_only=False)
-    model = timm.create_model(table3.RECIPE.model, num_classes=10, in_chans=1,
-                              output_stride=table3.RECIPE.output_stride)
+    model = timm.create_model(plan.RECIPE.model, num_classes=10, in_chans=1,
+                              output_stride=plan.RECIPE.output_stride)
     state = {k: v for k, v in saved['state_dict'].items() if k != 'metapool_genotype'}
     model.load_state_dict(state, strict=False)  # fixed slots are absent from the state and stay open
     alphas = list(model.arch_parameters())
-    _, test_loader = table3.make_loaders(table3.prepare_data(os.path.join(args.work_dir, 'data')))
+    _, test_loader = data.make_loaders(data.prepare_data(os.path.join(args.work_dir, 'data')))
     model.train()
     grads = []
     for i, (images, targets) in enumerate(test_loader):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fashion_mnist_table3 as table3  # noqa: E402
+from table3 import models, plan, results  # noqa: E402
 
 
 def step_fn(model: torch.nn.Module, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -53,19 +53,19 @@ def errors_against_fp64(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arms', nargs='+', default=['skip', 'global'], choices=list(table3.ARMS))
+    parser.add_argument('--arms', nargs='+', default=['skip', 'global'], choices=list(plan.ARMS))
     parser.add_argument('--rounds', type=int, default=10)
     parser.add_argument('--seed', type=int, default=1,
                         help='genotype seed for the random arm; PMPL arms need their search')
     args = parser.parse_args()
     torch.set_num_threads(1)
-    recipe = table3.RECIPE
+    recipe = plan.RECIPE
     print(f'torch {torch.__version__}, one thread, batch {recipe.batch_size}, {recipe.img_size} px, channels-last',
           flush=True)
     for arm_name in args.arms:
-        arm = table3.ARMS[arm_name]
+        arm = plan.ARMS[arm_name]
         torch.manual_seed(0)
-        model = table3.build_model(table3.resolve_genotype(arm, args.seed), arm.attention)
+        model = models.build_model(results.resolve_genotype(arm, args.seed), arm.attention)
         model = model.to(memory_format=torch.channels_last).train()
         x = torch.randn(recipe.batch_size, 1, recipe.img_size, recipe.img_size).to(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (recipe.batch_size,))

@@ -40,7 +40,7 @@ from train_hooks.distributed import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_speed import count_macs, infer_step, time_interleaved  # noqa: E402
-from fashion_mnist_table3 import prepare_data  # noqa: E402  (Debian's Fashion-MNIST, unpacked for torchvision)
+from table3.data import prepare_data  # noqa: E402  (Debian's Fashion-MNIST, unpacked for torchvision)
 
 MEAN, STD = (0.2860,), (0.3530,)
 PAPER_TOP1 = {'MobileNetV2 (all skip)': 72.3, 'Local (all avg3)': 71.6, 'Global (all global)': 74.3,

@@ -23,19 +23,19 @@ import sys
 from typing import Dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fashion_mnist_table3 as table3  # noqa: E402
+from table3 import plan, results, retrain  # noqa: E402
 from timm_metapool.pretrained import (  # noqa: E402
     SHIPPED_WEIGHTS_DIR, WEIGHTS_MANIFEST, read_safetensors_genotype)
 
-ARCH = table3.RECIPE.model
+ARCH = plan.RECIPE.model
 TAG = f'{ARCH}.pmpl_fashion_mnist'
 FILE = f'{ARCH}_pmpl_fashion_mnist.safetensors'
-SHIPPED_ARM, SHIPPED_SEED = table3.SHIPPED_RUN
-RECORD = os.path.join(table3.RESULTS_DIR, 'shipped_weights.json')
+SHIPPED_ARM, SHIPPED_SEED = plan.SHIPPED_RUN
+RECORD = os.path.join(plan.RESULTS_DIR, 'shipped_weights.json')
 LABELS = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-MODEL_ARGS = dict(in_chans=1, num_classes=10, output_stride=table3.RECIPE.output_stride)
-CFG = dict(input_size=[1, table3.RECIPE.img_size, table3.RECIPE.img_size], mean=list(table3.MEAN),
-           std=list(table3.STD), crop_pct=1.0, interpolation='bilinear', num_classes=10, label_names=list(LABELS),
+MODEL_ARGS = dict(in_chans=1, num_classes=10, output_stride=plan.RECIPE.output_stride)
+CFG = dict(input_size=[1, plan.RECIPE.img_size, plan.RECIPE.img_size], mean=list(plan.MEAN),
+           std=list(plan.STD), crop_pct=1.0, interpolation='bilinear', num_classes=10, label_names=list(LABELS),
            license='apache-2.0', description='Fashion-MNIST, PMPL search A retrained (docs/results_fashion_mnist.md)')
 
 # Run in a fresh process, so that the package reads the manifest as a user's install would, with no network.
@@ -65,14 +65,14 @@ print(json.dumps(dict(top1=100.0 * correct / len(images), images=len(images), ge
 
 def finished_retrain(arm: str, seed: int) -> Dict:
     """The runner's result of a retrain finished with the current recipe and the weights it exported into the
-    results (`fashion_mnist_table3.export_shipped_run`), or a SystemExit that says what is missing."""
-    task = table3.Task('retrain', arm, seed)
-    if not table3.is_finished(task):
+    results (`table3.retrain.export_shipped_run`), or a SystemExit that says what is missing."""
+    task = plan.Task('retrain', arm, seed)
+    if not results.is_finished(task):
         raise SystemExit(f'error: {task.run_id} has no result made with the current recipe; let the Table 3 runner '
                          f'finish it first (python benchmarks/fashion_mnist_table3.py --status).')
-    with open(table3.result_path(task)) as f:
+    with open(results.result_path(task)) as f:
         result = json.load(f)
-    weights = table3.shipped_run_weights()
+    weights = retrain.shipped_run_weights()
     if not os.path.isfile(weights):
         raise SystemExit(f'error: {weights} not found: the runner exports it when {task.run_id} finishes; rerun '
                          f'that entry (python benchmarks/fashion_mnist_table3.py --only {task.run_id}).')
@@ -83,10 +83,10 @@ def finished_retrain(arm: str, seed: int) -> Dict:
     return dict(result=result, weights=weights)
 
 
-def register(retrain: Dict, weights_dir: str) -> str:
+def register(finished: Dict, weights_dir: str) -> str:
     """Copy the exported weights into `weights_dir` and register TAG in its manifest."""
     os.makedirs(weights_dir, exist_ok=True)
-    shutil.copyfile(retrain['weights'], os.path.join(weights_dir, FILE + '.tmp'))
+    shutil.copyfile(finished['weights'], os.path.join(weights_dir, FILE + '.tmp'))
     os.replace(os.path.join(weights_dir, FILE + '.tmp'), os.path.join(weights_dir, FILE))
     manifest_path = os.path.join(weights_dir, WEIGHTS_MANIFEST)
     manifest = {'tags': {}}
@@ -94,7 +94,7 @@ def register(retrain: Dict, weights_dir: str) -> str:
         with open(manifest_path) as f:
             manifest = json.load(f)
     manifest['tags'][TAG] = dict(file=FILE, model_args=MODEL_ARGS, cfg=CFG)
-    table3.write_json(manifest, manifest_path)
+    results.write_json(manifest, manifest_path)
     return os.path.join(weights_dir, FILE)
 
 
@@ -102,8 +102,8 @@ def measure_shipped(weights_dir: str) -> Dict:
     """Top-1 of TAG on the raw test images through timm's own data config and transform, in a fresh process."""
     env = dict(os.environ, TIMM_METAPOOL_WEIGHTS_DIR=weights_dir, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
     out = subprocess.run([sys.executable, '-c', _MEASURE, TAG,
-                          os.path.join(table3.DEBIAN_DIR, 't10k-images-idx3-ubyte.gz'),
-                          os.path.join(table3.DEBIAN_DIR, 't10k-labels-idx1-ubyte.gz')],
+                          os.path.join(plan.DEBIAN_DIR, 't10k-images-idx3-ubyte.gz'),
+                          os.path.join(plan.DEBIAN_DIR, 't10k-labels-idx1-ubyte.gz')],
                          check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -118,8 +118,8 @@ def main() -> None:
     parser.add_argument('--weights-dir', default=SHIPPED_WEIGHTS_DIR, help='where the tag is registered')
     parser.add_argument('--check-only', action='store_true', help='only re-measure the tag already shipped')
     args = parser.parse_args()
-    task = table3.Task('retrain', SHIPPED_ARM, SHIPPED_SEED)
-    with open(table3.result_path(task)) as f:
+    task = plan.Task('retrain', SHIPPED_ARM, SHIPPED_SEED)
+    with open(results.result_path(task)) as f:
         runner_top1 = json.load(f)['top1']
     if not args.check_only:
         print(f'registered {register(finished_retrain(SHIPPED_ARM, SHIPPED_SEED), args.weights_dir)}')
@@ -130,7 +130,7 @@ def main() -> None:
                   command='python benchmarks/ship_fashion_mnist_weights.py')
     print(json.dumps(record, indent=1))
     if args.weights_dir == SHIPPED_WEIGHTS_DIR:
-        table3.write_json(record, RECORD)
+        results.write_json(record, RECORD)
     if abs(measured['top1'] - runner_top1) > 0.05:  # 5 of 10,000 images: a channels-last rounding flip, no more
         raise SystemExit(f'error: the shipped tag gives {measured["top1"]:.2f} % but the retrain ended at '
                          f'{runner_top1:.2f} %; the export or the pretrained cfg does not match the recipe.')
