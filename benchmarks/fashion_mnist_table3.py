@@ -1,11 +1,7 @@
-"""The paper's Table 3 on Fashion-MNIST, converged: a queue of runs that outlives a session (code in `table3/`).
+"""The paper's Table 3 on Fashion-MNIST, converged: the entry point of the queue runner in `table3/`.
 
-    apt-get install -y dataset-fashion-mnist
-    for core in 1 2; do      # one runner per core; they share the queue (a lock per entry)
-        OMP_NUM_THREADS=1 nohup python benchmarks/fashion_mnist_table3.py --commit >> runs/fm56_$core.log 2>&1 &
-    done
-    python benchmarks/fashion_mnist_table3.py --status         # the queue, what is finished
-    python benchmarks/fashion_mnist_table3.py --report-only    # rebuild the table and plot from the result files
+`python benchmarks/fashion_mnist_table3.py --help` prints how to start the runners, follow the queue and rebuild the
+table (the docstring of `table3/__init__.py`); docs/results_fashion_mnist.md holds the set-up and the results.
 """
 from table3.runner import main
 
