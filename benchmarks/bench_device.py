@@ -1,51 +1,19 @@
 """Speed ratios on one device, measured side by side in one run: the supernet, the all-`global` model and the plain
-Eq. 1 sum against timm's own MobileNetV2 (fwd+bwd), and batch-1 inference. For a GPU (`--device cuda`); on the CPU
-`bench_speed.py` measures more.
+Eq. 1 sum against timm's own MobileNetV2 (fwd+bwd), and batch-1 inference; all timed in interleaved rounds, each
+ratio the median of the per-round ratios. For a GPU (`--device cuda`); on the CPU `bench_speed.py` measures more.
 
     python benchmarks/bench_device.py --device cuda
 """
 import argparse
-import time
-from typing import Callable, Dict
+from statistics import median
+from typing import Dict
 
 import torch
 import timm
 
-import timm_metapool  # noqa: F401
-from timm_metapool import MetaPooling
+import timm_metapool  # noqa: F401  (registers the models)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable[[], None], device: torch.device, rounds: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(x).float().square().mean().backward()
-    return step
-
-
-def plain_sum(model: torch.nn.Module) -> torch.nn.Module:
-    """The supernet with every mixed op running its literal Eq. 1 sum (`MetaPooling.forward_plain`)."""
-    for module in model.modules():
-        if isinstance(module, MetaPooling):
-            module.forward = module.forward_plain
-    return model
+from measure import infer_step, median_ratio, time_interleaved, train_step, use_plain_forward
 
 
 def main() -> Dict[str, float]:
@@ -63,23 +31,21 @@ def main() -> Dict[str, float]:
     models = {
         'baseline (timm)': timm.create_model(base_name),
         'supernet (fused)': timm.create_model(args.model),
-        'supernet (plain Eq. 1 sum)': plain_sum(timm.create_model(args.model)),
+        'supernet (plain Eq. 1 sum)': use_plain_forward(timm.create_model(args.model)),
         'all-global': timm.create_model(args.model, genotype='global'),
     }
-    results = {}
     print(f'{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}), '
-          f'{args.img_size} px, batch {args.batch_size}, median of {args.rounds} rounds')
-    for name, model in models.items():
+          f'{args.img_size} px, batch {args.batch_size}, {args.rounds} interleaved rounds (x5 at batch 1)')
+    for model in models.values():
         model.to(device).train()
-        results[f'fwd+bwd {name}'] = median_time(train_step(model, x), device, args.rounds)
-    for name in ('baseline (timm)', 'all-global'):
-        model = models[name].eval()
-        with torch.no_grad():
-            results[f'batch-1 inference {name}'] = median_time(lambda: model(x1), device, args.rounds * 5)
-    base_train, base_infer = results['fwd+bwd baseline (timm)'], results['batch-1 inference baseline (timm)']
+    times = time_interleaved({f'fwd+bwd {n}': train_step(m, x) for n, m in models.items()}, args.rounds, device)
+    inference = {n: models[n].eval() for n in ('baseline (timm)', 'all-global')}
+    times.update(time_interleaved({f'batch-1 inference {n}': infer_step(m, x1) for n, m in inference.items()},
+                                  args.rounds * 5, device))
+    results = {name: median(seconds) for name, seconds in times.items()}
     for name, seconds in results.items():
-        reference = base_infer if name.startswith('batch-1') else base_train
-        print(f'{name:45s} {seconds * 1e3:9.2f} ms  {seconds / reference:5.2f}x baseline')
+        reference = 'batch-1 inference baseline (timm)' if name.startswith('batch-1') else 'fwd+bwd baseline (timm)'
+        print(f'{name:45s} {seconds * 1e3:9.2f} ms  {median_ratio(times, name, reference):5.2f}x baseline')
     return results
 
 

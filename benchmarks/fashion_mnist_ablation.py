@@ -39,7 +39,7 @@ from train_hooks import search as search_cli
 from train_hooks.distributed import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_speed import count_macs, infer_step, time_interleaved  # noqa: E402
+from measure import count_macs, infer_step, time_interleaved  # noqa: E402
 from table3.data import prepare_data  # noqa: E402  (Debian's Fashion-MNIST, unpacked for torchvision)
 
 MEAN, STD = (0.2860,), (0.3530,)

@@ -2,14 +2,14 @@
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+from measure import count_macs, infer_step, time_interleaved
 
 from .models import build_model, slot_map_sizes
-from .plan import (ARMS, BENCH_DIR, DOC_BEGIN, DOC_END, DOC_PATH, GATE_SKIP_TOP1, ISSUE_TARGET_TOP1, RECIPE,
+from .plan import (ARMS, DOC_BEGIN, DOC_END, DOC_PATH, GATE_SKIP_TOP1, ISSUE_TARGET_TOP1, RECIPE,
                    RESULTS_DIR, SEARCHES, SEEDS, build_queue)
 from .results import is_finished, load_runs, load_searches, trained_genotype
 
@@ -35,22 +35,13 @@ def mean_std(values: Sequence[float]) -> str:
 
 def size_and_latency(runs: Dict[str, Dict[int, Dict]], rounds: int = 30) -> Dict[str, Dict]:
     """Params, MACs and CPU batch-1 latency (ms, median, all models timed interleaved) of every arm whose genotype is
-    known; Random is measured with seed 0's genotype. MACs and latency come from benchmarks/bench_speed.py; while it
-    cannot be imported (the package mid-edit) they are left out until the next rebuild."""
+    known; Random is measured with seed 0's genotype."""
     x = torch.randn(1, 1, RECIPE.img_size, RECIPE.img_size)
     models = {name: build_model(genotype, arm.attention).eval() for name, arm in ARMS.items()
               if (genotype := trained_genotype(runs, name, 0)) is not None}
-    out = {name: dict(params=sum(p.numel() for p in m.parameters())) for name, m in models.items()}
-    sys.path.insert(0, BENCH_DIR)
-    try:
-        from bench_speed import count_macs, infer_step, time_interleaved
-    except ImportError as error:
-        print(f'  (no MACs/latency this time: {error})', flush=True)
-        return out
     times = time_interleaved({n: infer_step(m, x) for n, m in models.items()}, rounds, torch.device('cpu'))
-    for name, model in models.items():
-        out[name].update(macs=count_macs(model, x), latency_ms=1000 * statistics.median(times[name]))
-    return out
+    return {name: dict(params=sum(p.numel() for p in model.parameters()), macs=count_macs(model, x),
+                       latency_ms=1000 * statistics.median(times[name])) for name, model in models.items()}
 
 
 def table_rows(runs: Dict[str, Dict[int, Dict]], sizes: Dict[str, Dict]) -> List[str]:
