@@ -1,4 +1,9 @@
 """Shared test helpers (imported by the test modules; pytest puts this folder on sys.path)."""
+import os
+import shutil
+from pathlib import Path
+from typing import Dict
+
 import torch
 from torch import nn
 
@@ -11,3 +16,18 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model
+
+
+def subprocess_env(**extra: str) -> Dict[str, str]:
+    """This process's environment without any HF_* setting (a developer's token or cache), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    env.update(extra)
+    return env
+
+
+def fill_hub_cache(cache: Path, repo_id: str, folder: Path, sha: str = 'a' * 40) -> None:
+    """The huggingface_hub cache layout: models--ORG--NAME/snapshots/<sha>/<file> and refs/main -> sha."""
+    repo = cache / ('models--' + repo_id.replace('/', '--'))
+    shutil.copytree(folder, repo / 'snapshots' / sha)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(sha)

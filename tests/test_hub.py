@@ -14,7 +14,7 @@ from safetensors import safe_open
 from timm.models._hub import load_model_config_from_path
 
 import timm_metapool  # noqa: F401
-from _helpers import randomize_bn
+from _helpers import fill_hub_cache, randomize_bn, subprocess_env
 from timm_metapool import OP_NAMES, Genotype
 from timm_metapool.hub import export_for_hub
 from timm_metapool.integrity import GenotypeMismatchError
@@ -44,12 +44,6 @@ def _outputs(model, size=48):
 def _block_name(model, slot):
     block = model.enhancer_blocks()[slot]
     return next(name for name, m in model.named_modules() if m is block)
-
-
-def _subprocess_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope='module')
@@ -133,14 +127,6 @@ def test_pretrained_cfg_overlay_file_reads_genotype_from_metadata(export_dir, tr
                           pretrained_cfg_overlay=dict(file=str(export_dir / 'model.safetensors')))
 
 
-def _fill_hub_cache(cache: Path, repo_id: str, folder: Path, sha: str = 'a' * 40) -> None:
-    """The huggingface_hub cache layout: models--ORG--NAME/snapshots/<sha>/<file> and refs/main -> sha."""
-    repo = cache / ('models--' + repo_id.replace('/', '--'))
-    shutil.copytree(folder, repo / 'snapshots' / sha)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(sha)
-
-
 _LOAD_FROM_HUB = """
 import sys, torch, timm, timm_metapool
 from huggingface_hub import constants
@@ -157,11 +143,11 @@ torch.save(results, sys.argv[2])
 
 def test_hf_hub_offline_from_prefilled_cache(work, export_dir, trained):
     cache = work / 'hf_cache'
-    _fill_hub_cache(cache, 'someorg/mp035', export_dir)
+    fill_hub_cache(cache, 'someorg/mp035', export_dir)
     torch.save(_input(), work / 'x.pt')
     subprocess.run(
         [sys.executable, '-c', _LOAD_FROM_HUB, str(work / 'x.pt'), str(work / 'hub_out.pt'), 'hf-hub:someorg/mp035'],
-        check=True, cwd=REPO_ROOT, env=_subprocess_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1'))
+        check=True, cwd=REPO_ROOT, env=subprocess_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1'))
     genotype, out = torch.load(work / 'hub_out.pt')['hf-hub:someorg/mp035']
     assert genotype == GENOTYPE.to_string() and torch.equal(out, _outputs(trained[0]))
 
@@ -211,7 +197,7 @@ def test_weights_shipped_with_the_package_load_by_tag_offline(work):
     torch.save(x, work / 'x1.pt')
     subprocess.run([sys.executable, '-c', _LOAD_SHIPPED_TAG, str(work / 'x1.pt'), str(work / 'shipped.pt'),
                     f'{MODEL}.pmpl_test'], check=True, cwd=REPO_ROOT,
-                   env=_subprocess_env(TIMM_METAPOOL_WEIGHTS_DIR=str(weights), HF_HUB_OFFLINE='1'))
+                   env=subprocess_env(TIMM_METAPOOL_WEIGHTS_DIR=str(weights), HF_HUB_OFFLINE='1'))
     out = torch.load(work / 'shipped.pt', weights_only=False)
     assert out['listed'] == [f'{MODEL}.pmpl_test']
     with torch.no_grad():
@@ -380,7 +366,7 @@ def test_push_without_credentials(work, trained):
         [sys.executable, '-m', 'train_hooks.publish', '--checkpoint', str(trained[1]), '--model', MODEL,
          '--out', str(out), '--repo-id', 'someorg/mp035', '--push'],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
-        env=_subprocess_env(HF_HOME=str(work / 'no_login')))
+        env=subprocess_env(HF_HOME=str(work / 'no_login')))
     assert proc.returncode == 1
     assert 'No Hugging Face token' in proc.stderr and 'hf auth login' in proc.stderr
     assert not out.exists()
