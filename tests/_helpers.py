@@ -19,8 +19,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def subprocess_env(**extra: str) -> Dict[str, str]:
-    """This process's environment without any HF_* setting (a developer's token or cache), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    """This process's environment without the settings that change what a load reads (a developer's HF_* token or
+    cache, TIMM_METAPOOL_WEIGHTS_DIR), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_') and k != 'TIMM_METAPOOL_WEIGHTS_DIR'}
     env.update(extra)
     return env
 

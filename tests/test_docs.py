@@ -26,13 +26,13 @@ DOCS = [REPO_ROOT / 'README.md', *sorted(REPO_ROOT.glob('docs/*.md')), *sorted(R
 # What the snippets load: export folders (`local-dir:`) and published repos (`hf-hub:`), as the docs name them.
 EXPORTS = ('exports/mnv2-metapool-mydata', 'exports/mnv2-metapool-walk')
 HUB_REPOS = ('ORG/NAME', 'me/mnv2-metapool-walk')
-FENCE = re.compile(r'^([ \t]*)```python[ \t]*\n(.*?)^[ \t]*```', re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r'^[ \t]*```python[ \t]*\n(.*?)^[ \t]*```', re.MULTILINE | re.DOTALL)
 
 
 def python_snippets(path: Path) -> List[Tuple[str, str]]:
     """(`file#n`, code) of every fenced ```python block in `path`, dedented (blocks inside list items are indented)."""
     blocks = FENCE.findall(path.read_text())
-    return [(f'{path.relative_to(REPO_ROOT)}#{n}', textwrap.dedent(code)) for n, (_, code) in enumerate(blocks, 1)]
+    return [(f'{path.relative_to(REPO_ROOT)}#{n}', textwrap.dedent(code)) for n, code in enumerate(blocks, 1)]
 
 
 SNIPPETS = [snippet for path in DOCS for snippet in python_snippets(path)]

@@ -7,13 +7,13 @@ the search it came from and the data config the measurement used. The measured t
 """
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _helpers import subprocess_env
 from timm_metapool.pretrained import SHIPPED_WEIGHTS_DIR, read_weights_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +46,8 @@ def test_shipped_tag_is_the_measured_search_result_and_loads_offline(tag):
     record = _record(tag)
     with open(SHIPPED[tag]['file'], 'rb') as f:
         assert hashlib.sha256(f.read()).hexdigest() == record['sha256'], 'the file is not the one that was measured'
-    env = {k: v for k, v in os.environ.items() if not k.startswith('HF_') and k != 'TIMM_METAPOOL_WEIGHTS_DIR'}
     out = subprocess.run([sys.executable, '-c', _LOAD, tag], check=True, capture_output=True, text=True,
-                         cwd=REPO_ROOT, env=dict(env, HF_HUB_OFFLINE='1'))
+                         cwd=REPO_ROOT, env=subprocess_env(HF_HUB_OFFLINE='1'))
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     search = record['source'].rsplit('_seed', 1)[0]  # pmpl_a_seed0 -> the search pmpl_a
     with open(RESULTS / 'searches' / search / 'genotype.json') as f:
