@@ -14,7 +14,7 @@ from timm_metapool.data import DEMO_CLASSES, generate_demo_dataset
 from timm_metapool.deploy import ProjectionAvgPool
 from timm_metapool.families import METAPOOL_FAMILIES
 from timm_metapool.hub import export_for_hub
-from timm_metapool.integrity import GENOTYPE_STATE_KEY
+from timm_metapool.integrity import GENOTYPE_STATE_KEY, GenotypeMismatchError
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
 from train_hooks.search import main
 
@@ -254,3 +254,52 @@ def test_hook_on_a_plain_timm_model_and_on_one_without_inverted_residuals():
     assert all(isinstance(s, MetaPooling) for s in supernet.enhancer_slots())
     with pytest.raises(ValueError, match='ResNet has no InvertedResidual block.*no place for a Meta-Pooling slot'):
         add_meta_pooling(timm.create_model('resnet10t'))
+    # A model whose blocks are hooked below the root is refused too (a second slot per block would follow).
+    partly = timm.create_model('efficientnet_lite0', num_classes=NUM_CLASSES)
+    add_meta_pooling(partly.blocks, genotype='skip')
+    with pytest.raises(ValueError, match=r'already has Meta-Pooling slots \(15\)'):
+        add_meta_pooling(partly)
+    with pytest.raises(ValueError, match=r'its blocks: DepthwiseSeparableConv'):
+        add_meta_pooling(timm.create_model('lcnet_050'))
+
+
+def test_hook_on_mixnet_whose_depthwise_conv_mixes_kernel_sizes():
+    base = _randomize_bn(timm.create_model('mixnet_s', num_classes=NUM_CLASSES)).eval()
+    model = add_meta_pooling(copy.deepcopy(base), genotype='skip')
+    blocks = [m for m in base.modules() if type(m) is InvertedResidual]
+    assert model.num_slots == len(blocks) and any(type(b.conv_dw).__name__ == 'MixedConv2d' for b in blocks)
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))
+    supernet = add_meta_pooling(copy.deepcopy(base)).train()
+    supernet(x).logsumexp(1).sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in supernet.arch_parameters())
+
+
+@pytest.mark.parametrize('features', [dict(feature_cfg=dict(flatten_sequential=True)), dict(feature_cls='hook'),
+                                      dict(feature_cls='getter')])
+def test_features_wrapped_by_timm_keep_the_genotype_guard(features):
+    # timm's feature wrappers (FeatureListNet, FeatureHookNet, FeatureGetterNet) hold the model with slots.
+    max5 = timm.create_model('efficientnet_b0_metapool', genotype='max5', features_only=True, **features)
+    avg3 = timm.create_model('efficientnet_b0_metapool', genotype='avg3', features_only=True, **features)
+    assert isinstance(max5, MetaPoolingMixin) and max5.genotype.ops == ('max5',) * max5.num_slots
+    with pytest.raises(GenotypeMismatchError, match="slot 0 .* is 'max5' in the weights but 'avg3' in this model"):
+        avg3.load_state_dict(max5.state_dict())
+    twin = timm.create_model('efficientnet_b0_metapool', genotype='max5', features_only=True, **features)
+    twin.load_state_dict(max5.state_dict())
+    with torch.no_grad():
+        for a, b in zip(twin.eval()(_x()), max5.eval()(_x())):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_genotype_searched_on_another_network_is_named_when_used(tmp_path, caplog):
+    path = tmp_path / 'genotype.json'
+    path.write_text(Genotype.uniform('max3', 16).to_json(model='mobilenetv2_metapool_035'))
+    with caplog.at_level('WARNING', logger='timm_metapool.families'):
+        timm.create_model('mobilenetv2_metapool_100', genotype=str(path))  # another width of the same network
+        assert not caplog.records
+        model = timm.create_model('mnasnet_metapool_100', genotype=str(path))  # 16 slots too, other blocks
+    assert model.genotype == Genotype.uniform('max3', 16)
+    assert [r.getMessage() for r in caplog.records] == [
+        f'{path} was searched on mobilenetv2_metapool_035, and mnasnet_metapool_100 is built with it: its ops go to '
+        f'the slots of another network. Search mnasnet_metapool_100 itself for its own genotype.']

@@ -102,7 +102,7 @@ def has_slot_position(block: nn.Module) -> bool:
     return False
 
 
-def _depthwise_conv(block: Union[InvertedResidual, UniversalInvertedResidual]) -> nn.Conv2d:
+def _depthwise_conv(block: Union[InvertedResidual, UniversalInvertedResidual]) -> nn.Module:
     return block.conv_dw if isinstance(block, InvertedResidual) else block.dw_mid.conv
 
 
@@ -128,6 +128,7 @@ def add_slot(block: nn.Module, slot: Optional[nn.Module] = None) -> nn.Module:
 
 
 def slot_device_dtype(block: nn.Module) -> Dict[str, Optional[Union[torch.device, torch.dtype]]]:
-    """Device and dtype of the block's depthwise conv weight (`meta` for a model built on the meta device)."""
-    weight = _depthwise_conv(block).weight
+    """Device and dtype of the block's depthwise conv weights (`meta` for a model built on the meta device); a
+    `MixedConv2d` (MixNet) holds one conv per kernel size, all alike."""
+    weight = next(_depthwise_conv(block).parameters())
     return dict(device=weight.device, dtype=weight.dtype)

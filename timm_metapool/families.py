@@ -7,18 +7,23 @@ mechanism for every family. Names insert `_metapool` before a trailing width mul
 `genotype=None` gives the PMPL search space (every slot a `MetaPooling`, Eq. 1); a genotype gives the fixed network,
 and `genotype='skip'` is exactly the timm model (same state_dict keys and outputs).
 """
+import json
 import logging
+import os
+import re
 from functools import partial
 from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
 import timm
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import (
+    build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model, split_model_name_tag,
+)
 from timm.models._builder import pretrained_cfg_for_features
 
 from .genotype import GenotypeLike
-from .hook import add_meta_pooling, slot_blocks
+from .hook import add_meta_pooling, meta_pool_class, slot_blocks
 from .loading import ARCHITECTURE_KWARGS, checkpoint_filter_fn
 from .pretrained import PRETRAINED_TAGS, resolve_pretrained_genotype, tag_model_args
 
@@ -83,7 +88,29 @@ def _build_with_slots(
         # Without a genotype, read the one stored with the weights; with one, check it against them.
         genotype = resolve_pretrained_genotype(
             variant, pretrained_cfg, pretrained_cfg_overlay, genotype=genotype, num_slots=len(blocks))
+    warn_if_searched_on_another_model(variant, genotype)
     return add_meta_pooling(model, genotype=genotype)
+
+
+def _network(variant: str) -> str:
+    """A variant's name without its width multiplier (`mobilenetv2_metapool_035` -> `mobilenetv2_metapool`)."""
+    return re.sub(r'_\d+d?$', '', variant)
+
+
+def warn_if_searched_on_another_model(variant: str, genotype: Optional[GenotypeLike]) -> None:
+    """Say so when `genotype` is a search's genotype.json made for another network (another width of the same one is
+    fine: its slots sit in the same blocks): a slot count that happens to agree does not make the receptive fields
+    found for one network those of another."""
+    if not (isinstance(genotype, (str, os.PathLike)) and str(genotype).endswith('.json') and os.path.isfile(genotype)):
+        return
+    try:
+        with open(genotype, 'r', encoding='utf-8') as f:
+            searched_on = json.load(f).get('model')
+    except (OSError, ValueError, AttributeError):
+        return  # Genotype.parse names what is wrong with the file
+    if isinstance(searched_on, str) and _network(split_model_name_tag(searched_on)[0]) != _network(variant):
+        _logger.warning(f'{genotype} was searched on {searched_on}, and {variant} is built with it: its ops go to '
+                        f'the slots of another network. Search {variant} itself for its own genotype.')
 
 
 def warn_tag_arg_overridden(tag: str, name: str, trained: Any, given: Any) -> None:
@@ -106,8 +133,8 @@ def create_metapool_model(
 
     timm's `build_model_with_cfg` does the rest as for the base model: the variant's pretrained cfg, loading (with
     `loading.checkpoint_filter_fn`, which refuses weights of another genotype) and `features_only` (timm's
-    EfficientNetFeatures / MobileNetV3Features, which keep the search-space API; with `feature_cls` / `feature_cfg`,
-    timm's wrapper around the model with slots).
+    EfficientNetFeatures / MobileNetV3Features; with `feature_cls` / `feature_cfg`, timm's wrapper around the model
+    with slots). Either way the features model keeps the search-space API and the genotype guard.
     """
     base = METAPOOL_FAMILIES[variant]
     for name, value in tag_model_args(variant, kwargs.get('pretrained_cfg')).items():
@@ -132,6 +159,8 @@ def create_metapool_model(
     )
     if features_cls:
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    if wrapped_features:  # timm's feature wrapper holds the slots: it gets the search-space API and genotype guard
+        model.__class__ = meta_pool_class(type(model))
     # Exports write these into config.json's model_args, so that a load rebuilds the same network.
     model.architecture_kwargs = {k: kwargs[k] for k in ARCHITECTURE_KWARGS if kwargs.get(k) is not None}
     return model

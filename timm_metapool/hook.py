@@ -15,11 +15,12 @@ from typing import Dict, List, Optional, Type
 
 from torch import nn
 
+from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._efficientnet_builder import _init_weight_goog
 from timm.models.efficientnet import EfficientNet, EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3, MobileNetV3Features
 
-from .blocks import add_slot, has_slot_position, slot_channels, slot_device_dtype
+from .blocks import META_POOL_BLOCKS, add_slot, has_slot_position, slot_channels, slot_device_dtype
 from .genotype import Genotype, GenotypeLike
 from .mixed_op import MetaPooling
 from .search_space import MetaPoolingMixin
@@ -30,8 +31,11 @@ __all__ = [
     'MetaPoolEfficientNetFeatures', 'MetaPoolMobileNetV3', 'MetaPoolMobileNetV3Features',
 ]
 
+# Where timm defines its inverted-residual networks' blocks (named in the error for a model without a slot position).
+_TIMM_BLOCKS_MODULE = InvertedResidual.__module__
+
 # Properties TorchScript must not compile (they return Python objects).
-_JIT_UNUSED = ['genotype', 'num_slots']
+_JIT_UNUSED = ['genotype', 'num_slots', 'num_fixed_slots']
 
 
 class MetaPoolEfficientNet(MetaPoolingMixin, EfficientNet):
@@ -109,18 +113,25 @@ def add_meta_pooling(model: nn.Module, genotype: Optional[GenotypeLike] = None) 
         ValueError: `model` has no block with a depthwise conv in its expanded space, it already has Meta-Pooling
             slots, or the genotype does not fit its slots.
     """
-    if isinstance(model, MetaPoolingMixin):
-        raise ValueError(f'This {type(model).__name__} already has Meta-Pooling slots ({model.num_slots}); '
+    hooked = [m for m in model.modules() if isinstance(m, META_POOL_BLOCKS)]
+    if isinstance(model, MetaPoolingMixin) or hooked:
+        raise ValueError(f'This {type(model).__name__} already has Meta-Pooling slots ({len(hooked)}); '
                          f'add_meta_pooling takes a timm model without them.')
     blocks = slot_blocks(model)
     if not blocks:
+        found = sorted({type(m).__name__ for m in model.modules() if type(m).__module__ == _TIMM_BLOCKS_MODULE})
+        found = ', '.join(found) or "none of timm's efficientnet blocks"
         raise ValueError(
             f'{type(model).__name__} has no InvertedResidual block (nor a UniversalInvertedResidual with a middle '
             f'depthwise conv), so it has no place for a Meta-Pooling slot: the enhancer sits after the depthwise conv '
-            f'of an inverted residual. Use a timm network built from them (mobilenetv2_*, mobilenetv3_*, '
-            f'efficientnet_*, mnasnet_*, mobilenetv4_conv_*, ...).')
+            f'of an inverted residual (its blocks: {found}). '
+            f'Use a timm network built from them (mobilenetv2_*, mobilenetv3_large/small_*, efficientnet_*, '
+            f'mnasnet_*, mobilenetv4_conv_*, ...).')
     ops = [None] * len(blocks) if genotype is None else list(Genotype.parse(genotype, num_slots=len(blocks)))
-    for block, op_name in zip(blocks, ops):
-        add_slot(block, create_slot(slot_channels(block), op_name, **slot_device_dtype(block)))
+    # Every slot is built before any block changes, so a slot that cannot be built leaves the model as it was.
+    slots = [create_slot(slot_channels(block), op_name, **slot_device_dtype(block))
+             for block, op_name in zip(blocks, ops)]
+    for block, slot in zip(blocks, slots):
+        add_slot(block, slot)
     model.__class__ = meta_pool_class(type(model))
     return model

@@ -46,11 +46,17 @@ class MetaPoolingMixin:
 
     @property
     def num_slots(self) -> int:
+        """How many enhancer slots the model has (one per inverted-residual block with a depthwise conv)."""
         return len(self.enhancer_blocks())
 
     def open_slots(self) -> List[int]:
         """Indices of slots still searching (unfixed MetaPooling)."""
         return [i for i, s in enumerate(self.enhancer_slots()) if isinstance(s, MetaPooling) and not s.is_fixed]
+
+    @property
+    def num_fixed_slots(self) -> int:
+        """How many slots hold one op (fixed by PMPL, or built from a genotype)."""
+        return self.num_slots - len(self.open_slots())
 
     def arch_parameters(self) -> List[nn.Parameter]:
         """Architecture logits (alpha) of the open slots: PMPL's outer-loop variables (Eq. 3)."""
