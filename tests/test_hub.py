@@ -17,7 +17,7 @@ import timm_metapool  # noqa: F401
 from _helpers import fill_hub_cache, randomize_bn, subprocess_env
 from timm_metapool import OP_NAMES, Genotype
 from timm_metapool.hub import export_for_hub
-from timm_metapool.integrity import GenotypeMismatchError
+from timm_metapool.integrity import GENOTYPE_STATE_KEY, GenotypeMismatchError
 from timm_metapool.loading import checkpoint_filter_fn
 from timm_metapool.pretrained import resolve_pretrained_genotype
 from train_hooks import publish
@@ -373,12 +373,18 @@ def test_push_without_credentials(work, trained):
 
 
 def test_publish_plain_state_dict_with_genotype_string(work, trained):
-    path = work / 'plain.pth'
-    torch.save(trained[0].state_dict(), path)
-    out = work / 'plain_export'
-    publish.main(['--checkpoint', str(path), '--model', MODEL, '--out', str(out), '--genotype', GENOTYPE.to_string()])
-    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
-    assert torch.equal(_outputs(loaded), _outputs(trained[0]))
+    # With the genotype entry our models' state_dicts carry, and without it (as another tool would save them).
+    with_entry = trained[0].state_dict()
+    without_entry = {k: v for k, v in with_entry.items() if k != GENOTYPE_STATE_KEY}
+    for name, state_dict in (('plain', with_entry), ('foreign', without_entry)):
+        path = work / f'{name}.pth'
+        torch.save(state_dict, path)
+        out = work / f'{name}_export'
+        publish.main(['--checkpoint', str(path), '--model', MODEL, '--out', str(out),
+                      '--genotype', GENOTYPE.to_string()])
+        loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+        assert loaded.genotype == GENOTYPE
+        assert torch.equal(_outputs(loaded), _outputs(trained[0]))
 
 
 def test_publish_search_checkpoint(work):
@@ -448,6 +454,21 @@ def test_output_stride_travels_with_the_export(work):
     with pytest.raises(SystemExit, match='--model-kwargs takes output_stride, not drop_rate'):
         publish.main(['--checkpoint', str(plain), '--model', MODEL, '--out', str(work / 'never_os'),
                       '--model-kwargs', 'drop_rate=0.1'])
+    # The checkpoint's record wins: --model-kwargs may complete it, not contradict it.
+    with pytest.raises(SystemExit, match='output_stride=8 differs from the checkpoint, which records .* '
+                                         'output_stride=16'):
+        publish.main(['--checkpoint', str(checkpoint), '--model', MODEL, '--out', str(work / 'never_os8'),
+                      '--model-kwargs', 'output_stride=8'])
+    assert not (work / 'never_os8').exists()
+    # The weights file alone (pretrained_cfg_overlay file=) records the stride too: another one is refused.
+    weights = str(out / 'model.safetensors')
+    overlay = dict(file=weights, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r'trained with output_stride=16, but this model was built with '
+                                         r'output_stride=32.*--model-kwargs output_stride=16'):
+        timm.create_model(MODEL, pretrained=True, num_classes=NUM_CLASSES, pretrained_cfg_overlay=overlay)
+    from_file = timm.create_model(MODEL, pretrained=True, num_classes=NUM_CLASSES, output_stride=16,
+                                  pretrained_cfg_overlay=overlay)
+    torch.testing.assert_close(_outputs(from_file), _outputs(model))
 
 
 def test_export_keeps_a_training_model_training(work):

@@ -82,6 +82,10 @@ def test_launcher_in_process_restores_argv_and_passes_exit_code(tmp_path, script
 def test_launcher_missing_script_and_usage(tmp_path, capsys):
     with pytest.raises(SystemExit, match='not found'):
         launch.main([str(tmp_path / 'validate.py'), '--model', 'x'])
+    with pytest.raises(SystemExit, match="first argument must be the script to run .* got the option '--model'"):
+        launch.main(['--model', 'x'])
+    with pytest.raises(SystemExit, match=f"{tmp_path}' is a folder; give the script inside it"):
+        launch.main([str(tmp_path), '--model', 'x'])
     assert launch.main(['--help']) == 0
     assert 'SCRIPT' in capsys.readouterr().out
     assert launch.main([]) == 2

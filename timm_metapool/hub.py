@@ -19,8 +19,8 @@ from torch import nn
 
 from .blocks import slot_channels
 from .integrity import describe_key_mismatch, weights_checksum
-from .loading import enhancer_slot_names, infer_head
-from .pretrained import SAFETENSORS_CHECKSUM_KEY, SAFETENSORS_GENOTYPE_KEY
+from .loading import built_output_stride, infer_head
+from .pretrained import SAFETENSORS_CHECKSUM_KEY, SAFETENSORS_GENOTYPE_KEY, SAFETENSORS_OUTPUT_STRIDE_KEY
 
 __all__ = [
     'PAPER_CITATION', 'check_loads_as_built', 'read_metrics', 'render_model_card', 'verify_export', 'export_for_hub',
@@ -57,7 +57,7 @@ def check_loads_as_built(model: nn.Module, model_name: str) -> None:
 
 def _genotype_table(model: nn.Module) -> str:
     rows = ['| slot | block | channels | enhancer |', '|---:|---|---:|---|']
-    for index, (name, block, op_name) in enumerate(zip(enhancer_slot_names(model), model.enhancer_blocks(),
+    for index, (name, block, op_name) in enumerate(zip(model.enhancer_slot_names(), model.enhancer_blocks(),
                                                        model.genotype)):
         rows.append(f'| {index} | `{name}` | {slot_channels(block)} | `{op_name}` |')
     return '\n'.join(rows)
@@ -153,6 +153,9 @@ def _write_safetensors_with_genotype(model: nn.Module, path: Path, model_name: s
     state_dict = model.state_dict()
     metadata = {'format': 'pt', SAFETENSORS_GENOTYPE_KEY: model.genotype.to_string(), 'architecture': model_name,
                 SAFETENSORS_CHECKSUM_KEY: weights_checksum(state_dict)}
+    output_stride = built_output_stride(model)
+    if output_stride is not None:
+        metadata[SAFETENSORS_OUTPUT_STRIDE_KEY] = str(output_stride)
     safetensors.torch.save_file(state_dict, str(path), metadata=metadata)
 
 
@@ -216,10 +219,19 @@ def _with_contiguous_weights(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
 
 
+# An export is written to a hidden sibling folder first; this marker file inside tells it from the user's folders.
+_STAGING_MARKER = '.timm_metapool_export_in_progress'
+
+
+def _staging_prefix(out_dir: Path) -> str:
+    return f'.{out_dir.name}.metapool-export-'
+
+
 def _remove_stale_staging(out_dir: Path) -> None:
-    """Delete the hidden staging folders an interrupted export to `out_dir` left beside it (a killed publish)."""
-    for stale in out_dir.parent.glob(f'.{out_dir.name}.*'):
-        if stale.is_dir() and not stale.is_symlink():
+    """Delete the staging folders an interrupted export to `out_dir` left beside it (a killed publish): only
+    folders with the export's own prefix and marker file, never a user's."""
+    for stale in out_dir.parent.glob(_staging_prefix(out_dir) + '*'):
+        if stale.is_dir() and not stale.is_symlink() and (stale / _STAGING_MARKER).is_file():
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -255,7 +267,8 @@ def export_for_hub(
     check_loads_as_built(model, model_name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out_dir), dir=out_dir.parent))
+    (staging / _STAGING_MARKER).touch()
     was_training = model.training  # exported and checked in eval mode; a model mid-training goes back to training
     try:
         exported = _with_contiguous_weights(model)
@@ -272,6 +285,7 @@ def export_for_hub(
         (staging / 'README.md').write_text(card, encoding='utf-8')
         _make_readable_as_user_files(staging)
         verify_export(exported, staging)
+        (staging / _STAGING_MARKER).unlink()
         if os.path.lexists(out_dir):  # appeared while we were writing
             raise FileExistsError(f'Output directory {str(out_dir)!r} appeared during the export; nothing was '
                                   f'written to it.')

@@ -21,14 +21,15 @@ from .integrity import (
 )
 from .mixed_op import ARCH_PARAM_NAME
 from .pretrained import (
-    SAFETENSORS_CHECKSUM_KEY, SAFETENSORS_GENOTYPE_KEY, check_weights_genotype, local_weights_file,
+    SAFETENSORS_CHECKSUM_KEY, SAFETENSORS_GENOTYPE_KEY, SAFETENSORS_OUTPUT_STRIDE_KEY, check_weights_genotype,
+    local_weights_file,
     read_safetensors_metadata,
 )
 
 __all__ = [
-    'TrainedCheckpoint', 'load_trained_checkpoint', 'parse_checkpoint_genotype', 'enhancer_slot_names',
+    'TrainedCheckpoint', 'load_trained_checkpoint', 'parse_checkpoint_genotype', 'slot_key_prefix',
     'fixed_state_dict', 'verify_state_dict', 'check_classifier_size', 'warm_start_state_dict', 'slot_key_prefixes',
-    'check_file_checksum',
+    'check_weights_file', 'built_output_stride',
     'checkpoint_filter_fn', 'infer_head', 'build_model_for_weights',
 ]
 
@@ -133,13 +134,13 @@ def parse_checkpoint_genotype(value: Any, num_slots: int) -> Genotype:
     return Genotype.parse(value, num_slots=num_slots)
 
 
-def enhancer_slot_names(model: nn.Module) -> List[str]:
-    """Module path of each enhancer slot's block (`blocks.i.j`), in slot order."""
-    return model.enhancer_slot_names()
+def slot_key_prefix(block_name: str) -> str:
+    """The state_dict key prefix of the enhancer slot of the block at module path `block_name`."""
+    return f'{block_name}.{SLOT_ATTR}.'
 
 
 def _slot_state(state_dict: Mapping[str, torch.Tensor], block_name: str) -> Dict[str, torch.Tensor]:
-    prefix = f'{block_name}.{SLOT_ATTR}.'
+    prefix = slot_key_prefix(block_name)
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
@@ -151,8 +152,7 @@ def fixed_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     result as `model.fix_to_genotype()` on the supernet. Slots already in fixed form pass through unchanged.
     """
     out = dict(state_dict)
-    for block_name, op_name in zip(enhancer_slot_names(model), model.genotype):
-        prefix = f'{block_name}.{SLOT_ATTR}.'
+    for prefix, op_name in zip(slot_key_prefixes(model), model.genotype):
         chosen = f'{prefix}ops.{op_name}.'
         for key in [k for k in out if k.startswith(prefix + 'ops.') or k == prefix + ARCH_PARAM_NAME]:
             value = out.pop(key)
@@ -185,7 +185,7 @@ def verify_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
     if GENOTYPE_STATE_KEY in state_dict:
         check_genotype_codes(state_dict[GENOTYPE_STATE_KEY], model.slot_codes(), model.enhancer_slot_names())
     slots = model.enhancer_slots()
-    for index, (block_name, op_name, slot) in enumerate(zip(enhancer_slot_names(model), genotype, slots)):
+    for index, (block_name, op_name, slot) in enumerate(zip(model.enhancer_slot_names(), genotype, slots)):
         have = _slot_state(state_dict, block_name)
         want = slot.state_dict()
         if have.keys() == want.keys():
@@ -243,22 +243,44 @@ def warm_start_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
 
 def slot_key_prefixes(model: nn.Module) -> List[str]:
     """The state_dict key prefix of each enhancer slot (`blocks.i.j.meta_pool.`), in slot order."""
-    return [f'{name}.{SLOT_ATTR}.' for name in model.enhancer_slot_names()]
+    return [slot_key_prefix(name) for name in model.enhancer_slot_names()]
 
 
-def check_file_checksum(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """`ChecksumMismatchError` when the pretrained weights file on disk (an export: `local-dir:`, `hf-hub:`, an
-    overlay `file`) records a checksum that `state_dict`, read from it, does not match."""
+def check_weights_file(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Check the pretrained weights file on disk (an export: `local-dir:`, `hf-hub:`, an overlay `file`) against what
+    it records: `ChecksumMismatchError` when `state_dict`, read from it, does not match its checksum,
+    `GenotypeMismatchError` for another genotype, ValueError for another output stride (the same tensors in a
+    network that dilates elsewhere)."""
     from timm.models._builder import resolve_pretrained_cfg
 
     cfg = resolve_pretrained_cfg(model.pretrained_cfg.get('architecture'), pretrained_cfg=dict(model.pretrained_cfg))
     weights_file = local_weights_file(cfg)
     if weights_file and weights_file.endswith('.safetensors'):
-        check_weights_checksum(state_dict, read_safetensors_metadata(weights_file).get(SAFETENSORS_CHECKSUM_KEY),
-                               weights_file)
+        metadata = read_safetensors_metadata(weights_file)
+        check_weights_checksum(state_dict, metadata.get(SAFETENSORS_CHECKSUM_KEY), weights_file)
+        _check_output_stride(metadata.get(SAFETENSORS_OUTPUT_STRIDE_KEY), model, weights_file)
     if model.genotype is not None:
         # Checked again here: a Hub download lands on disk only after the builder's own check ran.
-        check_weights_genotype(cfg, model.genotype, enhancer_slot_names(model))
+        check_weights_genotype(cfg, model.genotype, model.enhancer_slot_names())
+
+
+def built_output_stride(model: nn.Module) -> Optional[int]:
+    """The output stride `model` was built with (timm's `output_stride`: 32, or 16 / 8 with the last stages
+    dilated), read from its feature info; None for a features-only model, whose outputs may stop earlier."""
+    info = getattr(model, 'feature_info', None)
+    if not isinstance(info, list) or not info:
+        return None
+    return int(info[-1]['reduction'])
+
+
+def _check_output_stride(recorded: Optional[str], model: nn.Module, weights_file: str) -> None:
+    built = built_output_stride(model)
+    if recorded is None or built is None or int(recorded) == built:
+        return
+    raise ValueError(f'The weights in {weights_file!r} were trained with output_stride={recorded}, but this model '
+                     f'was built with output_stride={built}: the same tensors in a network that dilates other '
+                     f'layers, which computes something else. Build it with output_stride={recorded} (timm scripts: '
+                     f'--model-kwargs output_stride={recorded}).')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -268,7 +290,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     file's metadata, each slot's keys and shapes), checks that timm can load or drop the classifier
     (`check_classifier_size`), and completes weights without a genotype (timm's base model) as a warm start.
     """
-    check_file_checksum(state_dict, model)
+    check_weights_file(state_dict, model)
     if GENOTYPE_STATE_KEY not in state_dict:
         state_dict = warm_start_state_dict(state_dict, model)
     if model.genotype is not None:
@@ -300,13 +322,16 @@ def build_model_for_weights(
     """Build `model_name` with `genotype` (and `architecture_kwargs`, e.g. output_stride) and load `state_dict` into
     it, strictly, in eval mode.
 
-    Search-space checkpoints are mapped onto the genotype first; num_classes and in_chans follow the weights.
+    Search-space checkpoints are mapped onto the genotype first; num_classes and in_chans follow the weights. Weights
+    that record no genotype (a plain state_dict of another tool) are taken as `genotype`'s, which the caller names,
+    once each slot's keys and shapes fit it.
     """
     import timm
 
     model = timm.create_model(model_name, genotype=genotype, **infer_head(state_dict), **(architecture_kwargs or {}))
     weights = fixed_state_dict(state_dict, model)
     verify_state_dict(weights, model)
+    weights.setdefault(GENOTYPE_STATE_KEY, codes_tensor(model.slot_codes()))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

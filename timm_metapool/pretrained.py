@@ -20,7 +20,7 @@ from .integrity import GenotypeMismatchError, first_slot_difference
 
 __all__ = [
     'PRETRAINED_TAGS', 'WEIGHTS_DIR_ENV', 'SHIPPED_WEIGHTS_DIR', 'read_weights_manifest', 'tag_model_args',
-    'SAFETENSORS_GENOTYPE_KEY', 'SAFETENSORS_CHECKSUM_KEY', 'GenotypeMismatchError',
+    'SAFETENSORS_GENOTYPE_KEY', 'SAFETENSORS_CHECKSUM_KEY', 'SAFETENSORS_OUTPUT_STRIDE_KEY', 'GenotypeMismatchError',
     'first_genotype_difference', 'local_weights_file', 'read_safetensors_metadata', 'read_safetensors_genotype',
     'check_weights_genotype', 'resolve_pretrained_genotype', 'ConfigFileError', 'name_config_file_in_errors',
 ]
@@ -74,6 +74,7 @@ def tag_model_args(variant: str, pretrained_cfg: Any = None) -> Dict[str, Any]:
 
 SAFETENSORS_GENOTYPE_KEY = 'genotype'
 SAFETENSORS_CHECKSUM_KEY = 'weights_sha256'  # integrity.weights_checksum of the tensors, checked on load
+SAFETENSORS_OUTPUT_STRIDE_KEY = 'output_stride'  # the network the weights were trained in, checked on load
 
 _INSTEAD = (
     "Instead: build the architecture with genotype=... and pretrained=False, load your own export with "
@@ -118,6 +119,9 @@ def local_weights_file(cfg: PretrainedCfg) -> Optional[str]:
         candidate = Path(cfg.file) / HF_SAFE_WEIGHTS_NAME
         return str(candidate) if candidate.is_file() else None
     if cfg.file and cfg.source != 'hf-hub':
+        if not os.path.exists(cfg.file):
+            raise FileNotFoundError(f'Pretrained weights file {str(cfg.file)!r} (the pretrained cfg\'s `file`, e.g. '
+                                    f'pretrained_cfg_overlay=dict(file=...)) does not exist; check the path.')
         return str(cfg.file)
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
@@ -230,8 +234,10 @@ def _genotype_of_weights(variant: str, cfg: PretrainedCfg) -> str:
         if genotype:
             return genotype
     if cfg.file:
-        raise ValueError(f'Weights {cfg.file!r} carry no genotype in their metadata; pass genotype=... (the one '
-                         f'they were trained with) or re-export them with `python -m train_hooks.publish`.')
+        where = ('in their metadata' if str(cfg.file).endswith('.safetensors') else
+                 'that can be read before the model is built (only a safetensors export records it in its header)')
+        raise ValueError(f'Weights {cfg.file!r} carry no genotype {where}; pass genotype=... (the one they were '
+                         f'trained with) or export them with `python -m train_hooks.publish`.')
     if cfg.hf_hub_id:
         return _genotype_from_config_file(_download_config(cfg.hf_hub_id), cfg.hf_hub_id)
     raise _no_weights(variant)

@@ -21,11 +21,18 @@ e.g. timm's validate.py, inference.py or benchmark.py."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`timm-metapool-launch SCRIPT ARGS...`: run SCRIPT as `__main__` with the plugin imported."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     script, script_args = argv[0], argv[1:]
+    if script.startswith('-'):
+        raise SystemExit(f"timm-metapool-launch: error: the first argument must be the script to run (e.g. "
+                         f"PATH/TO/validate.py), then its arguments; got the option {script!r}.")
+    if os.path.isdir(script):
+        raise SystemExit(f"timm-metapool-launch: error: {script!r} is a folder; give the script inside it, e.g. "
+                         f"{os.path.join(script, 'validate.py')}.")
     if not os.path.isfile(script):
         raise SystemExit(f"timm-metapool-launch: error: script {script!r} not found. timm's scripts are not in the "
                          f"pip package: take them from https://github.com/huggingface/pytorch-image-models.")

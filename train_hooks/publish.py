@@ -117,14 +117,20 @@ def _read_card_metrics(path: str, checkpoint, use_ema: bool):
 
 
 def architecture_kwargs(given: Dict[str, Any], checkpoint) -> Dict[str, Any]:
-    """--model-kwargs over what the checkpoint recorded; only `loading.ARCHITECTURE_KWARGS` (the genotype has its
-    own flag, and num_classes / in_chans follow the weights)."""
+    """What the checkpoint recorded, completed by --model-kwargs, which may not contradict it; only
+    `loading.ARCHITECTURE_KWARGS` (the genotype has its own flag, and num_classes / in_chans follow the weights)."""
     from timm_metapool.loading import ARCHITECTURE_KWARGS
 
     other = sorted(set(given) - set(ARCHITECTURE_KWARGS))
     if other:
         raise ValueError(f"--model-kwargs takes {', '.join(ARCHITECTURE_KWARGS)}, not {', '.join(other)} (the genotype "
                          f"has --genotype; num_classes and in_chans follow the weights).")
+    for name, value in given.items():
+        recorded = checkpoint.architecture_kwargs.get(name)
+        if recorded is not None and recorded != value:
+            raise ValueError(f'--model-kwargs {name}={value} differs from the checkpoint, which records that its '
+                             f'weights were trained with {name}={recorded}; an export must build the network they were '
+                             f'trained as. Drop {name} from --model-kwargs.')
     return {**checkpoint.architecture_kwargs, **given}
 
 
@@ -165,6 +171,7 @@ def publish(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`timm-metapool-publish`: export (and push) a checkpoint, then print the line that loads it."""
     args = _parser().parse_args(argv)
     try:
         load_line = publish(args)
