@@ -187,6 +187,23 @@ def test_flipped_bytes_in_a_search_checkpoint_are_caught(finished_search, tmp_pa
     assert not (tmp_path / 'export').exists()
 
 
+def test_flipped_bytes_in_a_search_checkpoints_optimizer_state_are_caught(finished_search, tmp_path):
+    corrupted = tmp_path / 'last.pth'
+    corrupted.write_bytes((finished_search / 'last.pth').read_bytes())
+    state = torch.load(corrupted, weights_only=True)
+    momentum = max((s['momentum_buffer'] for s in state['search']['weight_optimizer']['state'].values()),
+                   key=torch.Tensor.numel)
+    _flip_bytes_of(corrupted, momentum)
+    with pytest.raises(SystemExit, match=f"{corrupted}.* damaged search checkpoint: its optimizer state .* does not "
+                                         f"match the checksum"):
+        search_cli.main(['--resume', str(corrupted), '--output', str(tmp_path / 'resumed')])
+    state['search'] = {}
+    torch.save(state, corrupted)
+    with pytest.raises(SystemExit, match='damaged search checkpoint: its search state lacks weight_optimizer, '
+                                         'arch_optimizer, fix_events'):
+        search_cli.main(['--resume', str(corrupted), '--output', str(tmp_path / 'resumed')])
+
+
 def test_flipped_bytes_in_an_export_are_caught(tmp_path):
     model = _model(_genotype('global', 'avg5'))
     out = export_for_hub(model, tmp_path / 'export')

@@ -19,6 +19,7 @@ from PIL import Image
 from timm.scheduler import CosineLRScheduler
 
 from timm_metapool.data import DEMO_CLASSES, generate_demo_dataset
+from timm_metapool import hub
 from timm_metapool.hub import export_for_hub
 from timm_metapool.pmpl import PMPLConfig, PMPLSearch
 from train_hooks.search import main
@@ -81,14 +82,36 @@ def test_resume_with_a_new_lr_uses_and_records_it(data_dir, tmp_path, capsys):
     assert state['search']['weight_optimizer']['param_groups'][0]['initial_lr'] == 0.002
 
 
-def test_overwrite_leaves_no_file_of_the_earlier_run(data_dir, tmp_path):
+def test_overwrite_loses_nothing_when_it_fails_and_leaves_no_file_of_the_earlier_run(data_dir, tmp_path):
     out = tmp_path / 'run'
     main(search_args(data_dir, out))
-    assert {'genotype.json', 'search.png', 'retrain_command.txt', 'last.pth'} <= set(os.listdir(out))
+    run_files = {'genotype.json', 'search.png', 'retrain_command.txt', 'last.pth', 'search_log.csv'}
+    assert run_files <= set(os.listdir(out))
+    earlier = {name: (out / name).read_bytes() for name in run_files}
+    # A new run that stops before its first checkpoint: the earlier run is back as it was.
     with pytest.raises(SystemExit, match='diverged.*No epoch had completed'):
         main(search_args(data_dir, out, '--overwrite', '--lr', '1e38'))
-    left = set(os.listdir(out))
-    assert not left & {'genotype.json', 'search.png', 'retrain_command.txt', 'last.pth', 'search_log.csv'}
+    assert {name: (out / name).read_bytes() for name in run_files} == earlier
+    assert not (out / '.previous_run').exists()
+    # One that finishes: only its own files.
+    (out / 'search_log.csv.tmp').write_text('left by a write the earlier run never finished')
+    main(search_args(data_dir, out, '--overwrite', '--lr', '0.02'))
+    assert torch.load(out / 'last.pth', weights_only=True)['args']['lr'] == 0.02
+    assert json.loads((out / 'genotype.json').read_text())['args']['lr'] == 0.02
+    assert set(os.listdir(out)) == run_files
+
+
+def test_resume_refuses_another_epoch_length_and_names_the_settings_it_changes(data_dir, tmp_path, capsys):
+    out = tmp_path / 'run'
+    main(search_args(data_dir, out, '--epochs', '2', '--rho', '0.99'))  # 24 train images: 1 full batch of 16
+    resume = ['--resume', str(out / 'last.pth')]
+    with pytest.raises(SystemExit, match=r'made 1 steps per epoch \(-b 16 on 1 process\(es\)\); -b 8 on 1 makes 3'):
+        main(resume + ['-b', '8'])
+    capsys.readouterr()
+    main(resume + ['--epochs', '3', '--rho', '0.5'])
+    printed = capsys.readouterr().out
+    assert 'Resume with a new setting: --epochs 2 -> 3' in printed
+    assert 'Resume with a new setting: --rho 0.99 -> 0.5' in printed
 
 
 def test_resume_after_the_data_changed_stops_with_what_changed(data_dir, tmp_path):
@@ -151,12 +174,19 @@ def test_damaged_checkpoint_names_what_it_lacks(data_dir, tmp_path):
 
 
 def test_an_interrupted_export_leaves_nothing_after_the_next_one(tmp_path):
-    # What a publish killed mid-write leaves: its hidden staging folder beside the --out it was writing.
-    stale = tmp_path / f'.export.{uuid.uuid4().hex[:8]}'
+    # What a publish killed mid-write leaves: its hidden staging folder (prefix and marker file) beside --out.
+    stale = tmp_path / f'{hub._staging_prefix(tmp_path / "export")}{uuid.uuid4().hex[:8]}'
     stale.mkdir()
+    (stale / hub._STAGING_MARKER).touch()
     (stale / 'model.safetensors').write_bytes(b'partial')
+    # The user's own hidden folders named like the export are not an export's and stay.
+    (tmp_path / '.export.backup').mkdir()
+    (tmp_path / '.export.backup' / 'notes.txt').write_text('mine')
+    (tmp_path / '.export.git').mkdir()
     export_for_hub(timm.create_model(MODEL, genotype='avg3', num_classes=4), tmp_path / 'export')
-    assert sorted(os.listdir(tmp_path)) == ['export']
+    assert sorted(os.listdir(tmp_path)) == ['.export.backup', '.export.git', 'export']
+    assert (tmp_path / '.export.backup' / 'notes.txt').read_text() == 'mine'
+    assert not any(name.startswith('.') for name in os.listdir(tmp_path / 'export'))
 
 
 def _image_folder(root, per_class=16, size=32):

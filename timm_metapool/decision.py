@@ -19,8 +19,8 @@ __all__ = [
 
 PAPER_ARCH_LR = 3e-4          # eta of Sec. 3.1
 AUTO_ARCH_LR_HEADROOM = 128.0  # `auto_arch_lr`: reach this many times Eq. 4's gap, for gradients that disagree
-# `auto_arch_lr` never goes above this: at 0.25 the demo's Eq. 4 fixed 5 slots in its first 15 steps, before the
-# network had learned anything (docs/search.md, the demo); 0.15 still opens Eq. 4's gap in 4 consistent steps.
+# `auto_arch_lr` never goes above this: a larger step lets Eq. 4 fix slots in the first steps, before the network has
+# learned anything (docs/search.md, the demo); at 0.15 a few consistent steps still open Eq. 4's gap.
 AUTO_ARCH_LR_CEILING = 0.15
 
 
@@ -64,8 +64,9 @@ def auto_arch_lr(planned_steps: int, num_candidates: int, rho: float, headroom: 
 
 
 def budget_shortfall(arch_lr: float, planned_steps: int, num_candidates: int, rho: float,
-                     epochs: Optional[int] = None) -> Optional[str]:
-    """Why alpha cannot reach Eq. 4's margin in the planned steps and what to raise, or None when it can."""
+                     epochs: Optional[int] = None, auto: bool = False) -> Optional[str]:
+    """Why alpha cannot reach Eq. 4's margin in the planned steps and what to raise, or None when it can; `auto`:
+    `arch_lr` is what `--arch-lr auto` chose (capped at `AUTO_ARCH_LR_CEILING`)."""
     gap = eq4_logit_gap(num_candidates, rho)
     reach = reachable_logit_gap(arch_lr, planned_steps)
     if reach >= gap:
@@ -74,7 +75,7 @@ def budget_shortfall(arch_lr: float, planned_steps: int, num_candidates: int, rh
         return (f'rho {rho} can never be met (Eq. 4 would need pi_max = 1): every slot will be forced to its argmax '
                 f'at the end. Lower --rho (the paper uses 0.2).')
     needed_lr = gap / (2.0 * planned_steps)
-    advice = f'raise --arch-lr to at least {needed_lr:.3g} (or use --arch-lr auto)'
+    advice = f'raise --arch-lr to at least {needed_lr:.3g}' + ('' if auto else ' (or use --arch-lr auto)')
     if epochs is not None:
         advice += f', or --epochs to at least {math.ceil(epochs * gap / reach)}'
     return (f'alpha cannot reach Eq. 4\'s margin: {planned_steps} steps at --arch-lr {arch_lr:g} move a logit at '

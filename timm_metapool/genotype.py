@@ -61,6 +61,7 @@ class Genotype:
         return {'format_version': GENOTYPE_FORMAT_VERSION, 'ops': list(self.ops), **extra}
 
     def to_json(self, **extra: Any) -> str:
+        """`to_dict(**extra)` as indented JSON: the genotype file format."""
         return json.dumps(self.to_dict(**extra), indent=2)
 
     @classmethod
@@ -76,6 +77,7 @@ class Genotype:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = 'genotype data') -> 'Genotype':
+        """The genotype of a `to_dict()` dict (its 'ops' list); ValueError naming `source` when it is not one."""
         if not isinstance(data, dict) or 'ops' not in data:
             raise ValueError(f"{source} has no 'ops' list; a genotype file looks like "
                              f'{{"format_version": {GENOTYPE_FORMAT_VERSION}, "ops": ["skip", "global", ...]}}.')
@@ -89,6 +91,7 @@ class Genotype:
 
     @classmethod
     def from_json_file(cls, path: Union[str, os.PathLike]) -> 'Genotype':
+        """The genotype of a genotype file (`to_json`, or a search's genotype.json); ValueError naming the file."""
         try:
             with open(path, 'r', encoding='utf-8') as f:
                 text = f.read()

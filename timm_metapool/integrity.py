@@ -43,6 +43,7 @@ def slot_code(module: nn.Module) -> int:
 
 
 def genotype_codes(slots: Sequence[nn.Module]) -> List[int]:
+    """Each slot's code (`slot_code`): what a state_dict's genotype entry stores."""
     return [slot_code(s) for s in slots]
 
 
@@ -52,6 +53,7 @@ def codes_tensor(codes: Sequence[int]) -> torch.Tensor:
 
 
 def describe_code(code: int) -> str:
+    """A slot code in words, for errors."""
     if code == SEARCH_SLOT:
         return 'the search space (a MetaPooling with every candidate)'
     if 0 <= code < len(OP_NAMES):

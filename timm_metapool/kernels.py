@@ -89,10 +89,10 @@ def _directional_means_eager(x: torch.Tensor) -> torch.Tensor:
 def sum_over_width(t: torch.Tensor) -> torch.Tensor:
     """The sums of a (N, C, H, W) map over W, as (N, C, H, 1) in the map's layout.
 
-    A channels-last map is reduced through its (N, H, W, C) view, which keeps the channels innermost: on CPU 4x to 7x
-    faster than `sum(dim=3)` on it, whose output is NCHW. The view is taken per call, so that autograd adds the
-    gradients of several sums of one map into its gradient in place, not first into a full-size gradient of a
-    shared view.
+    A channels-last map is reduced through its (N, H, W, C) view, which keeps the channels innermost: on CPU much
+    faster than `sum(dim=3)` on it, whose output is NCHW (docs/performance.md). The view is taken per call, so that
+    autograd adds the gradients of several sums of one map into its gradient in place, not first into a full-size
+    gradient of a shared view.
     """
     if t.is_contiguous():
         return t.sum(dim=3, keepdim=True)

@@ -78,8 +78,8 @@ class GlobalContextEnhancer(nn.Module):
         """The gates from the directional profiles z = [z^h | z^w], (N, C, H + W).
 
         The point-wise maps run as GEMMs over the H + W profile positions rather than as 1x1 convs on (N, C, L, 1)
-        columns: the same arithmetic, but conv kernels (and especially their backward) carry a large fixed cost at
-        these tiny spatial sizes, which dominated the enhancer's run time in small-input training.
+        columns: the same arithmetic, without the large fixed cost that conv kernels (and especially their backward)
+        carry at these tiny spatial sizes (docs/performance.md).
         """
         batch, channels, length = z.shape
         # Both directional profiles side by side, one row per position, so the shared reduction, BN and activation

@@ -31,7 +31,11 @@ __all__ = [
 
 
 def confident_argmax(probabilities: torch.Tensor, rho: float) -> Optional[int]:
-    """Eq. 4: k = argmax pi if pi_k - pi_m >= rho for every m != k, else None."""
+    """Eq. 4: k = argmax pi if pi_k - pi_m >= rho for every m != k, else None.
+
+    Algorithm 1's pseudo-code, read literally, also compares k with itself (a margin of 0, never >= rho); this is
+    Eq. 4 as the text states it, over the other candidates only.
+    """
     k = int(torch.argmax(probabilities))
     others = torch.cat([probabilities[:k], probabilities[k + 1:]])
     margin = probabilities[k] - others.max()
@@ -58,12 +62,13 @@ def fix_confident_slots(
 ) -> List[FixEvent]:
     """Fix every open slot that meets Eq. 4 (every open slot if `force`) to argmax(softmax(alpha))."""
     events = []
+    slots = model.enhancer_slots()  # fixing slot i replaces only slots[i]
     for slot in model.open_slots():
-        pi = model.enhancer_slots()[slot].probabilities().detach()
+        pi = slots[slot].probabilities().detach()
         k = int(torch.argmax(pi)) if force else confident_argmax(pi, rho)
         if k is None:
             continue
-        op_name = model.enhancer_slots()[slot].op_names[k]
+        op_name = slots[slot].op_names[k]
         model.fix_slot(slot, op_name)
         events.append(FixEvent(slot, op_name, step, epoch, pi.tolist(), forced=force))
     return events
@@ -81,6 +86,8 @@ def prune_optimizer(optimizer: torch.optim.Optimizer, keep: Iterable[nn.Paramete
 
 @dataclass
 class StepStats:
+    """What one `PMPLSearch.step` did: its losses and correct counts on the train and meta batches, and the slots
+    Eq. 4 fixed after it."""
     train_loss: float
     meta_loss: float
     train_correct: int
@@ -233,6 +240,7 @@ class PMPLSearch:
         return float(loss.detach()), int((logits.detach().argmax(-1) == targets).sum())
 
     def update_weights(self) -> None:
+        """The SGD step on theta with the gradient `weight_gradient` left (through the GradScaler with float16)."""
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.weight_optimizer)
             self.grad_scaler.update()

@@ -46,14 +46,24 @@ class SearchRun:
     forced: List[FixEvent] = field(default_factory=list)
 
 
+# A meta loader that runs out mid-epoch restarts with its sampler's epoch advanced by this much, so that each restart
+# draws a new order that no later epoch's first pass repeats.
+_RESTART_EPOCH_OFFSET = 10_000
+
+
+def set_sampler_epoch(loader: Iterable[Batch], epoch: int) -> None:
+    """Give a distributed sampler its epoch (a new shuffle per epoch); loaders without one are left alone."""
+    sampler = getattr(loader, 'sampler', None)
+    if hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
+
+
 def cycle_batches(loader: Iterable[Batch], epoch: int) -> Iterator[Batch]:
     """Meta batches for one epoch, restarting the loader (with a new sampler order) whenever it runs out."""
     while True:
-        sampler = getattr(loader, 'sampler', None)
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
+        set_sampler_epoch(loader, epoch)
         yield from loader
-        epoch += 10_000
+        epoch += _RESTART_EPOCH_OFFSET
 
 
 def run_pmpl(
@@ -61,6 +71,7 @@ def run_pmpl(
         train_loader: Iterable[Batch],
         meta_loader: Iterable[Batch],
         epochs: int,
+        *,
         start_epoch: int = 0,
         start_step: int = 0,
         prepare_batch: Optional[Callable[[Batch], Batch]] = None,
@@ -81,9 +92,7 @@ def run_pmpl(
     while epoch < epochs and not search.done:
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        sampler = getattr(train_loader, 'sampler', None)
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
+        set_sampler_epoch(train_loader, epoch)
         meta_batches = cycle_batches(meta_loader, epoch)
         totals = EpochTotals()
         for train_batch in train_loader:

@@ -22,7 +22,9 @@ class PMPLConfig:
     arch_lr: float = 3e-4            # eta: Adam lr of alpha
     arch_weight_decay: float = 1e-3
     rho: float = 0.2                 # Eq. 4 threshold
-    first_order: bool = False        # DARTS first-order: alpha gradient at theta, no virtual step
+    # True: DARTS first-order, the alpha gradient at theta (no virtual step). False: the paper's Eq. 3, which it
+    # calls first-order MAML, the alpha gradient at theta' = theta - zeta g.
+    first_order: bool = False
     early_stop: bool = True          # False: never fix mid-search (for the ablation of progressive stopping)
 
     def __post_init__(self):

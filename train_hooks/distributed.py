@@ -3,7 +3,7 @@ search."""
 import datetime
 import os
 import random
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device)."""
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
@@ -50,7 +51,8 @@ class Distributed:
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
 
-    def gather(self, obj):
+    def gather(self, obj: Any) -> List[Any]:
+        """Every rank's `obj`, in rank order (`[obj]` in one process)."""
         if not self.enabled:
             return [obj]
         out = [None] * self.world_size
@@ -70,7 +72,7 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def check_ranks_agree(model, dist_env: Distributed, epoch: int) -> None:
+def check_ranks_agree(model: torch.nn.Module, dist_env: Distributed, epoch: int) -> None:
     """Every rank must hold the same alpha and the same fixed slots; anything else is a bug worth stopping for."""
     if not dist_env.enabled:
         return

@@ -2,10 +2,11 @@
 message that names the flag and the fix."""
 import argparse
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
+from torch import nn
 from PIL import ImageMode
 from timm.data.dataset_factory import _search_split
 
@@ -26,6 +27,7 @@ _HELD_OUT_SPLIT_NAMES = ('val', 'valid', 'validation', 'eval', 'evaluation', 'te
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The search CLI's options, grouped as timm's train.py groups its own (data, model, optimisation, ...)."""
     parser = argparse.ArgumentParser(
         prog='timm-metapool-search', description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group('data (timm.data.create_dataset)')
@@ -135,7 +137,8 @@ def _require(in_range: bool, flag: str, rule: str, value) -> None:
         raise _out_of_range(flag, rule, value)
 
 
-def flag_value(args: argparse.Namespace, flag: str):
+def flag_value(args: argparse.Namespace, flag: str) -> Any:
+    """The parsed value of `--some-flag`."""
     return getattr(args, flag[2:].replace('-', '_'))
 
 
@@ -188,6 +191,23 @@ def check_channels(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Fail before any work with a message naming the bad input and the fix."""
+    _check_ranges(args)
+    check_channels(args)
+    pmpl_config(args)
+    _check_device(args.device)
+    _check_model(args.model)
+    _check_output(args)
+    _check_data_dir(args)
+
+
+def resolve_output(args: argparse.Namespace) -> None:
+    """A resume without --output continues in its checkpoint's folder."""
+    if args.resume and not args.output:
+        args.output = os.path.dirname(os.path.abspath(args.resume))
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric flag within its range."""
     _require(0.0 < args.meta_fraction < 1.0, '--meta-fraction', 'strictly between 0 and 1', args.meta_fraction)
     if args.max_images is not None:
         _require(args.max_images >= 2, '--max-images', 'at least 2 per class', args.max_images)
@@ -209,21 +229,31 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ('--smoothing', '--drop-path'):
         value = flag_value(args, flag)
         _require(0.0 <= value < 1.0, flag, 'in [0, 1)', value)
-    check_channels(args)
-    pmpl_config(args)
-    if args.device is not None:
-        try:
-            device_type = torch.device(args.device).type
-        except RuntimeError:
-            device_type = None
-        if device_type not in ('cpu', 'cuda'):
-            raise SystemExit(f"error: --device {args.device!r} is not a device the search runs on; use 'cpu', 'cuda' "
-                             f"or 'cuda:N'.")
-    if args.model not in timm.list_models('*metapool*'):
-        raise SystemExit(f"error: --model {args.model!r} is not a Meta-Pooling model; choose one of "
+
+
+def _check_device(device: Optional[str]) -> None:
+    """--device names a CPU or CUDA device."""
+    if device is None:
+        return
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ('cpu', 'cuda'):
+        raise SystemExit(f"error: --device {device!r} is not a device the search runs on; use 'cpu', 'cuda' "
+                         f"or 'cuda:N'.")
+
+
+def _check_model(model_name: str) -> None:
+    """--model is a registered Meta-Pooling model."""
+    if model_name not in timm.list_models('*metapool*'):
+        raise SystemExit(f"error: --model {model_name!r} is not a Meta-Pooling model; choose one of "
                          f"{', '.join(timm.list_models('*metapool*'))}.")
-    if args.resume:
-        args.output = args.output or os.path.dirname(os.path.abspath(args.resume))
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """--output is given and holds no other run, unless this resumes the run there or --overwrite says to replace
+    it."""
     if not args.output:
         raise SystemExit('error: --output is required (a new directory for the genotype, logs and checkpoint).')
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -236,11 +266,17 @@ def check_args(args: argparse.Namespace) -> None:
         resume = (f'--resume {checkpoint} to continue it, ' if os.path.isfile(checkpoint) else
                   'no checkpoint is in it (the run stopped before its first epoch ended), so ')
         raise SystemExit(f'error: output dir {args.output!r} exists and is not empty; nothing was touched. Pass '
-                         f'{resume}--overwrite to start a new search there (the files of the earlier run are '
-                         f'deleted first), or choose a new --output.')
-    if args.data_dir is not None and args.dataset == '' and not os.path.isdir(args.data_dir):
+                         f'{resume}--overwrite to start a new search there (the earlier run\'s files are deleted '
+                         f'once the new run saves its first checkpoint), or choose a new --output.')
+
+
+def _check_data_dir(args: argparse.Namespace) -> None:
+    """--data-dir exists and (for folder datasets) mixes no held-out split or run output into the training split."""
+    if args.data_dir is None:
+        return
+    if args.dataset == '' and not os.path.isdir(args.data_dir):
         raise SystemExit(f'error: --data-dir {args.data_dir!r} does not exist.')
-    if args.data_dir is not None and _reads_folders(args.dataset) and os.path.isdir(args.data_dir):
+    if _reads_folders(args.dataset) and os.path.isdir(args.data_dir):
         check_folder_layout(args)  # a tar file or a missing path is left to the reader's own error
 
 
@@ -286,12 +322,12 @@ def pmpl_config(args: argparse.Namespace, arch_lr: Optional[float] = None) -> PM
         raise _out_of_range('--' + e.name.replace('_', '-'), e.rule, e.value) from None
 
 
-def candidate_count(model) -> int:
+def candidate_count(model: nn.Module) -> int:
     """The most candidates any open slot mixes (Eq. 4's margin is hardest to reach there)."""
     return max((len(p) for p in model.slot_probabilities() if p is not None), default=len(OP_NAMES))
 
 
-def resolve_arch_lr(args: argparse.Namespace, model, planned_steps: int) -> Tuple[float, str]:
+def resolve_arch_lr(args: argparse.Namespace, model: nn.Module, planned_steps: int) -> Tuple[float, str]:
     """alpha's Adam lr for this run and a line saying where it comes from (`decision.auto_arch_lr` for 'auto')."""
     if args.arch_lr != 'auto':
         return args.arch_lr, f'alpha lr (eta) {args.arch_lr:g} (--arch-lr)'

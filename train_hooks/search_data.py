@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from timm.data import create_dataset, create_loader, create_transform
 
 from timm_metapool.data import DatasetSplit, dataset_class_names, dataset_targets, stored_image_mode, stratified_split
@@ -119,7 +120,11 @@ def check_sample_keeps_every_class(targets: Sequence[int], pool: Sequence[int], 
                      f'{min(needed, len(targets))} or more, or leave it out.')
 
 
-def make_loaders(args, train_set, meta_set, data_config, dist_env: Distributed):
+def make_loaders(args: argparse.Namespace, train_set: Dataset, meta_set: Dataset, data_config: Dict,
+                 dist_env: Distributed) -> Tuple[DataLoader, DataLoader]:
+    """timm loaders for the train and meta splits (timm's transforms and augmentation for the train split, eval
+    transforms for the meta split), with distributed samplers under torchrun; refuses a split smaller than one
+    global batch."""
     batch, meta_batch = per_process_batches(args, dist_env.world_size, data_config['input_size'])
     if len(train_set) < batch * dist_env.world_size:
         raise SystemExit(f'error: the train part of the split has {len(train_set)} images, fewer than one global '

@@ -1,25 +1,32 @@
-"""The end of a search: genotype.json with the verdict, the search plot, the retrain command, and the epoch log rows."""
+"""The end of a search: genotype.json with the verdict, the search plot and the retrain command."""
+import argparse
 import json
 import math
 import os
 import shlex
 from dataclasses import asdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from timm_metapool.decision import search_verdict
+from timm_metapool.decision import SearchVerdict, search_verdict
 from timm_metapool.ops import OP_NAMES
+from timm_metapool.pmpl import FixEvent, PMPLSearch
 
+from .distributed import Distributed
 from .search_args import model_kwargs
-from .run_files import CHECKPOINT_NAME, GENOTYPE_NAME, LOG_NAME, PLOT_NAME, RETRAIN_NAME, atomic_write_text
+from .run_files import (
+    CHECKPOINT_NAME, GENOTYPE_NAME, LOG_NAME, PLOT_NAME, RETRAIN_NAME, SearchProgress, SearchSetup, atomic_write_text,
+    demo_data_dir,
+)
 from .search_plot import plot_search
 
 
-def retrain_command(args, genotype_path: str, num_classes: int, data_config, device: torch.device) -> str:
+def retrain_command(args: argparse.Namespace, genotype_path: str, num_classes: int, data_config: Dict,
+                    device: torch.device) -> str:
     """timm train.py's command line for the paper's retrain recipe on the searched data (shell-quoted); off CUDA it
     names the device, since train.py defaults to cuda."""
-    data = args.data_dir or os.path.join(args.output, 'demo_data')
+    data = args.data_dir or demo_data_dir(args.output)
     quote = shlex.quote
     parts = [
         'python train.py', f'--data-dir {quote(data)}', f'--dataset {quote(args.dataset)}' if args.dataset else '',
@@ -38,26 +45,6 @@ def retrain_command(args, genotype_path: str, num_classes: int, data_config, dev
     return ' '.join(p for p in parts if p)
 
 
-def progress_bar(total: int, epoch: int, epochs: int):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=f'epoch {epoch + 1}/{epochs}', leave=False, dynamic_ncols=True)
-
-
-def epoch_row(epoch: int, step: int, lr: float, sums: Dict, model, epoch_time: float, elapsed: float) -> Dict:
-    row = dict(
-        epoch=epoch, step=step, lr=round(lr, 8),
-        train_loss=sums['train_loss'] / max(sums['n'], 1), train_top1=100.0 * sums['train_correct'] / max(sums['n'], 1),
-        meta_loss=sums['meta_loss'] / max(sums['meta_n'], 1) if sums['meta_n'] else float('nan'),
-        meta_top1=100.0 * sums['meta_correct'] / max(sums['meta_n'], 1),
-        slots_fixed=model.num_slots - len(model.open_slots()), epoch_time_s=round(epoch_time, 3),
-        elapsed_s=round(elapsed, 3),
-    )
-    for slot, probabilities in enumerate(model.slot_probability_lists()):
-        for name, value in zip(OP_NAMES, probabilities or [float('nan')] * len(OP_NAMES)):
-            row[f'pi_{slot}_{name}'] = value
-    return row
-
-
 def final_top1(log_rows: List[Dict]) -> Optional[float]:
     """The last epoch's meta-split top-1 (%), or its train top-1 when no meta batch ran (every slot already fixed)."""
     if not log_rows:
@@ -66,7 +53,7 @@ def final_top1(log_rows: List[Dict]) -> Optional[float]:
     return row['train_top1'] if math.isnan(row['meta_loss']) else row['meta_top1']
 
 
-def verdict_lines(verdict, events, rho: float) -> List[str]:
+def verdict_lines(verdict: SearchVerdict, events: Sequence[FixEvent], rho: float) -> List[str]:
     """What the summary says about the genotype: how each slot was decided, and whether it is a decision at all."""
     by_eq4 = sum(not e.forced for e in events)
     lines = [f'{by_eq4} of {len(events)} slots fixed by Eq. 4 (rho {rho:g}), {len(events) - by_eq4} forced to their '
@@ -78,24 +65,30 @@ def verdict_lines(verdict, events, rho: float) -> List[str]:
     return lines
 
 
-def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, global_step, steps_per_epoch,
-           history, elapsed, train_set, meta_set, note: str = '', last_top1: Optional[float] = None) -> Dict:
+def write_search_outputs(args: argparse.Namespace, dist_env: Distributed, search: PMPLSearch,
+                         progress: SearchProgress, setup: SearchSetup) -> Dict:
+    """The end of a search: OUTPUT/genotype.json (the genotype, when and how each slot was decided, the verdict and
+    the run's facts), retrain_command.txt and search.png, and the summary printed. Every rank must call it (it
+    gathers each rank's probabilities); the main rank writes and returns the summary, the others return {}."""
+    model = search.model
+    num_classes, data_config, note = setup.num_classes, setup.data_config, setup.image_mode_note
+    last_top1 = final_top1(progress.log_rows)
     genotype = model.genotype
     events = sorted(search.fix_events, key=lambda e: e.slot)
     rank_probabilities = dist_env.gather([e.probabilities for e in events])
     if not dist_env.is_main:
         return {}
-    events_out = [dict(asdict(e), epoch_float=e.step / steps_per_epoch) for e in events]
+    events_out = [dict(asdict(e), epoch_float=e.step / setup.steps_per_epoch) for e in events]
     genotype_path = os.path.join(args.output, GENOTYPE_NAME)
     summary = genotype.to_dict(
         model=args.model, num_slots=model.num_slots, op_names=list(OP_NAMES),
         probabilities=[e.probabilities for e in events],
         fixed_step=[e.step for e in events], fixed_epoch=[e.epoch for e in events], forced=[e.forced for e in events],
         all_fixed_at_epoch=None if any(e.forced for e in events) else max(e['epoch_float'] for e in events_out),
-        epochs_run=epochs_run, steps_run=global_step, search_time_s=round(elapsed, 2),
+        epochs_run=progress.epoch, steps_run=progress.global_step, search_time_s=round(progress.elapsed_s, 2),
         data=dict(data_dir=args.data_dir, dataset=args.dataset, train_split=args.train_split,
-                  train_images=len(train_set), meta_images=len(meta_set), num_classes=num_classes,
-                  bad_images_left_out=getattr(train_set, 'bad_images_left_out', 0),
+                  train_images=setup.split['train_images'], meta_images=setup.split['meta_images'],
+                  num_classes=num_classes, bad_images_left_out=setup.bad_images_left_out,
                   input_size=list(data_config['input_size'])),
         seed=args.seed, world_size=dist_env.world_size, rank_probabilities=rank_probabilities, args=vars(args),
     )
@@ -105,7 +98,7 @@ def finish(args, dist_env, search, model, num_classes, data_config, epochs_run, 
     atomic_write_text(json.dumps(summary, indent=2), genotype_path)
     command = retrain_command(args, genotype_path, num_classes, data_config, dist_env.device)
     atomic_write_text(command + '\n' + (f'# {note}\n' if note else ''), os.path.join(args.output, RETRAIN_NAME))
-    plotted = plot_search(history, events_out, OP_NAMES, model.num_slots, os.path.join(args.output, PLOT_NAME),
+    plotted = plot_search(progress.history, events_out, OP_NAMES, model.num_slots, os.path.join(args.output, PLOT_NAME),
                           title=f'PMPL search of {args.model}')
     print(f'Genotype: {genotype}' + ('' if verdict.decided else ' (UNDECIDED)'), flush=True)
     for line in verdict_lines(verdict, events, args.rho):
