@@ -1,5 +1,6 @@
 """PMPL (Algorithm 1, Eq. 3, Eq. 4) against hand computations and independent re-implementations of each step."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -230,6 +231,14 @@ def test_config_rejects_out_of_range_settings():
             PMPLConfig(**{name: value})
         assert info.value.name == name
     PMPLConfig(momentum=0.0, weight_decay=0.0, arch_weight_decay=0.0, rho=1.0)
+    # Types and infinities, which comparisons let through or fail on with a bare TypeError.
+    for name, value, rule in (('lr', '0.1', 'a finite number'), ('lr', None, 'a finite number'),
+                              ('lr', True, 'a finite number'), ('weight_decay', float('inf'), 'a finite number'),
+                              ('arch_lr', float('inf'), 'a finite number'), ('first_order', 'no', 'True or False')):
+        with pytest.raises(InvalidSetting, match=f'^{name} must be {rule}, got {value!r}'):
+            PMPLConfig(**{name: value})
+    with pytest.raises(TypeError, match='settings as a PMPLConfig .* got dict'):
+        PMPLSearch(timm.create_model('mobilenetv2_metapool_035'), dict(lr=0.1))
 
 
 def test_slot_fixed_by_its_metapooling_before_the_search_ends_in_the_genotype():
@@ -261,6 +270,36 @@ def test_resume_on_a_model_with_the_same_slot_fixed_beforehand():
     assert all(torch.equal(v, _state(resumed.model)[k]) for k, v in weights.items())
     with pytest.raises(ValueError, match="slot 5 fixed to 'global'.*fixed to 'avg3'"):
         prefixed_search('avg3').load_state_dict(saved, weights)
+
+
+def test_resume_with_the_same_settings_keeps_the_schedules_position():
+    """apply_config after a resume leaves the lr where the schedule had it: PyTorch's schedulers step from it."""
+    def scheduled_search(seed):
+        search = _search(seed=seed)
+        return search, torch.optim.lr_scheduler.CosineAnnealingLR(search.weight_optimizer, T_max=8)
+
+    search, scheduler = scheduled_search(0)
+    for step in range(3):
+        search.step(_batch(step), _batch(step + 10))
+        scheduler.step()
+    saved, weights, saved_scheduler = copy.deepcopy(search.state_dict()), _state(search.model), scheduler.state_dict()
+    resumed, resumed_scheduler = scheduled_search(1)
+    resumed.load_state_dict(saved, weights)
+    resumed_scheduler.load_state_dict(saved_scheduler)
+    assert resumed.apply_config(search.config) == []
+    lrs, resumed_lrs = [], []
+    for s, sched, out in ((search, scheduler, lrs), (resumed, resumed_scheduler, resumed_lrs)):
+        for _ in range(3):
+            out.append(s.lr)
+            sched.step()
+    assert lrs[0] < search.config.lr and resumed_lrs == lrs
+    # A new lr continues the same point of the new schedule.
+    again, again_scheduler = scheduled_search(1)
+    again.load_state_dict(saved, weights)
+    again_scheduler.load_state_dict(saved_scheduler)
+    halved = dataclasses.replace(search.config, lr=search.config.lr / 2)
+    assert again.apply_config(halved) == [f'lr {search.config.lr} -> {halved.lr}']
+    assert again.lr == pytest.approx(lrs[0] / 2)
 
 
 def test_resume_keeps_the_optimizer_objects_and_continues_exactly():

@@ -75,6 +75,15 @@ def test_resume_with_a_new_lr_uses_and_records_it(data_dir, tmp_path, capsys):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert epoch is not None and epoch < 3, 'the run should be killed mid-way'
+    # A budget below the epochs already done would only force the open slots: refused, naming what to give.
+    state = torch.load(out / 'last.pth', weights_only=True)
+    state['epoch'] = 2
+    two_done = tmp_path / 'two_done' / 'last.pth'
+    two_done.parent.mkdir()
+    torch.save(state, two_done)
+    with pytest.raises(SystemExit, match='--epochs 1 is fewer than the 2 epochs the run being resumed has done; give '
+                                         '--epochs 2 or more'):
+        main(['--resume', str(two_done), '--epochs', '1'])
     main(['--resume', str(out / 'last.pth'), '--lr', '0.002'])
     assert 'Resume with a new setting: lr 0.01 -> 0.002' in capsys.readouterr().out
     state = torch.load(out / 'last.pth', weights_only=True)

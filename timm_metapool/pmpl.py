@@ -129,6 +129,9 @@ class PMPLSearch:
         if not isinstance(model, MetaPoolingMixin):
             raise TypeError(f'PMPLSearch searches a Meta-Pooling model (timm.create_model(\'mobilenetv2_metapool_*\') '
                             f'after `import timm_metapool`); got {type(model).__name__}.')
+        if not isinstance(config, PMPLConfig):
+            raise TypeError(f'PMPLSearch takes its settings as a PMPLConfig (e.g. PMPLConfig(lr=0.01)), got '
+                            f'{type(config).__name__}.')
         self.model = model
         model.trained_by_pmpl = True  # its train() need not warn that plain training is not PMPL
         self.config = config
@@ -161,7 +164,8 @@ class PMPLSearch:
 
     def step(self, train_batch: Tuple[torch.Tensor, torch.Tensor], meta_batch: Tuple[torch.Tensor, torch.Tensor],
              step: int = 0, epoch: int = 0) -> StepStats:
-        """Algorithm 1, one iteration."""
+        """Algorithm 1, one iteration; `step` and `epoch` are recorded in the fix events it makes (`run_pmpl` passes
+        the steps done, this one included, and the 1-based epoch)."""
         train_loss, train_correct = self.weight_gradient(*train_batch)            # g = grad_theta L_tr
         if self.weight_gradient_overflowed():
             self.update_weights()  # the GradScaler skips the SGD step and lowers its scale
@@ -225,9 +229,11 @@ class PMPLSearch:
         grads = [g.float() for g in grads]
         _all_reduce_mean(grads)  # every rank takes the same alpha step, hence the same Eq. 4 decisions
         if self.grad_scaler is None and not all(torch.isfinite(g).all() for g in grads):
-            cause = ('the weights have diverged; lower --lr or raise --batch-size' if self.config.first_order else
+            cause = ('the weights have diverged; lower the weights\' lr (PMPLConfig.lr, --lr) or raise the batch '
+                     'size' if self.config.first_order else
                      'the virtual step theta - zeta * g overflowed the network, or the weights have diverged; lower '
-                     '--lr (zeta), raise --batch-size, or use --first-order')
+                     'the weights\' lr zeta (PMPLConfig.lr, --lr), raise the batch size, or use first_order '
+                     '(--first-order)')
             raise FloatingPointError(f'The gradient of alpha is not finite: {cause}. The last good checkpoint (if '
                                      f'any) is kept untouched.')
         for alpha, g in zip(alphas, grads):
@@ -278,6 +284,9 @@ class PMPLSearch:
         """
         self.fix_events = [FixEvent(**e) for e in state['fix_events']]
         for event in self.fix_events:
+            if not 0 <= event.slot < self.model.num_slots:
+                raise ValueError(f'The search state fixes slot {event.slot}, but this model has {self.model.num_slots} '
+                                 f'slots: it belongs to another model.')
             slot = self.model.enhancer_slots()[event.slot]
             if isinstance(slot, MetaPooling):
                 self.model.fix_slot(event.slot, event.op_name)
@@ -304,9 +313,13 @@ class PMPLSearch:
         changes = [f'{name} {old} -> {getattr(config, name)}' for name, old in in_force.items()
                    if old != getattr(config, name)]
         for group in self.weight_optimizer.param_groups:
-            group.update(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-            if 'initial_lr' in group:
-                group['initial_lr'] = config.lr
+            group.update(momentum=config.momentum, weight_decay=config.weight_decay)
+            if in_force['lr'] != config.lr:
+                # The restored lr is a point on the old schedule: rescaled, a scheduler that steps from it (PyTorch's
+                # own) goes on from the same point of the new one.
+                group['lr'] *= config.lr / in_force['lr']
+                if 'initial_lr' in group:
+                    group['initial_lr'] = config.lr
         for group in self.arch_optimizer.param_groups:
             group.update(lr=config.arch_lr, weight_decay=config.arch_weight_decay)
         self.config = config
@@ -316,5 +329,6 @@ class PMPLSearch:
 def _check_finite(loss: torch.Tensor, which: str) -> None:
     if not torch.isfinite(loss.detach()).all():
         raise FloatingPointError(
-            f'The {which} loss is {float(loss.detach())}: training diverged. Lower --lr or --arch-lr, or disable AMP. '
+            f'The {which} loss is {float(loss.detach())}: training diverged. Lower the weights\' or alpha\'s lr '
+            f'(PMPLConfig.lr / arch_lr, --lr / --arch-lr), or disable AMP. '
             f'The last good checkpoint (if any) is kept untouched.')

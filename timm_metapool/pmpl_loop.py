@@ -62,7 +62,13 @@ def cycle_batches(loader: Iterable[Batch], epoch: int) -> Iterator[Batch]:
     """Meta batches for one epoch, restarting the loader (with a new sampler order) whenever it runs out."""
     while True:
         set_sampler_epoch(loader, epoch)
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError('The meta loader gave no batch: the meta split is empty, or smaller than one batch with '
+                             'drop_last.')
         epoch += _RESTART_EPOCH_OFFSET
 
 
@@ -79,6 +85,7 @@ def run_pmpl(
         on_epoch_start: Optional[Callable[[int], None]] = None,
         on_step: Optional[Callable[[int, int, StepStats, EpochTotals], None]] = None,
         on_epoch_end: Optional[Callable[[int, int, EpochTotals], None]] = None,
+        force_at_end: bool = True,
 ) -> SearchRun:
     """Run Algorithm 1 (`PMPLSearch.step`: Eq. 3, then Eq. 4) epoch after epoch until every slot is fixed or
     `epochs` are done, then force the open slots to their argmax.
@@ -86,8 +93,14 @@ def run_pmpl(
     Each train batch is paired with the next meta batch (the meta loader restarts as needed). Callbacks:
     `prepare_batch(batch)` (device transfer), `before_step(global_step)` (an lr schedule), `on_epoch_start(epoch)`,
     `on_step(global_step, epoch, stats, totals)` after each step, and `on_epoch_end(epochs_done, global_step, totals)`
-    (logging, checkpoints). `start_epoch` / `start_step` continue a resumed search.
+    (logging, checkpoints); `global_step` counts the steps done. `start_epoch` / `start_step` continue a resumed
+    search. A fix records the steps done and the epoch (1-based, as the callbacks count them) it happened in; a forced
+    one, those at the end. `force_at_end=False` leaves the open slots open when `epochs` end, for a search that a
+    later call continues.
     """
+    if epochs < 1 or not 0 <= start_epoch <= epochs:
+        raise ValueError(f'run_pmpl needs epochs >= 1 and 0 <= start_epoch <= epochs, got epochs={epochs}, '
+                         f'start_epoch={start_epoch}.')
     epoch, step = start_epoch, start_step
     while epoch < epochs and not search.done:
         if on_epoch_start is not None:
@@ -101,15 +114,18 @@ def run_pmpl(
                 train_batch, meta_batch = prepare_batch(train_batch), prepare_batch(meta_batch)
             if before_step is not None:
                 before_step(step)
-            stats = search.step(train_batch, meta_batch, step=step, epoch=epoch)
+            stats = search.step(train_batch, meta_batch, step=step + 1, epoch=epoch + 1)
             step += 1
             totals.add(stats)
             if on_step is not None:
                 on_step(step, epoch, stats, totals)
             if search.done:
                 break
+        if totals.steps == 0:
+            raise ValueError(f'The train loader gave no batch in epoch {epoch + 1}: the train split is empty, or '
+                             f'smaller than one batch with drop_last.')
         epoch += 1
         if on_epoch_end is not None:
             on_epoch_end(epoch, step, totals)
-    forced = search.apply_early_stopping(step, epoch, force=True) if not search.done else []
+    forced = search.apply_early_stopping(step, epoch, force=True) if force_at_end and not search.done else []
     return SearchRun(epochs=epoch, global_step=step, forced=forced)

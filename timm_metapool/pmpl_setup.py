@@ -2,6 +2,7 @@
 
 `pmpl.PMPLSearch` builds on these; they are re-exported there (`from timm_metapool.pmpl import PMPLConfig`).
 """
+import math
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -29,6 +30,13 @@ class PMPLConfig:
 
     def __post_init__(self):
         # Checked here, not when the optimizers are built, so that a bad setting stops a run before any work.
+        for name in ('lr', 'momentum', 'weight_decay', 'arch_lr', 'arch_weight_decay', 'rho'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidSetting(name, 'a finite number', repr(value))
+        for name in ('first_order', 'early_stop'):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidSetting(name, 'True or False', repr(getattr(self, name)))
         ranges = (
             ('lr', self.lr > 0, 'positive'),
             ('arch_lr', self.arch_lr > 0, 'positive'),

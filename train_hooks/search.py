@@ -117,6 +117,11 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
 
     if resume_state is not None:
         check_same_steps_per_epoch(args, resume_state, setup.steps_per_epoch, dist_env.world_size)
+        ran_on = resume_state.get('world_size', dist_env.world_size)
+        if ran_on != dist_env.world_size:
+            log(f'warning: the run being resumed ran on {ran_on} process(es), this one on {dist_env.world_size}: the '
+                f'same steps per epoch, but each process\'s batch (BatchNorm\'s statistics) and the sample order '
+                f'differ, so it continues differently from a run that never stopped.')
     total_steps = args.epochs * setup.steps_per_epoch
     arch_lr, arch_lr_note = resolve_arch_lr(args, model, total_steps)
     config = pmpl_config(args, arch_lr)
@@ -218,6 +223,9 @@ def _restore(search: PMPLSearch, state: Dict, config: PMPLConfig, args: argparse
     for change in search.apply_config(config):
         log(f'Resume with a new setting: {change}')
     progress = SearchProgress.from_checkpoint(state)
+    if progress.epoch > args.epochs and not search.done:
+        raise SystemExit(f'error: --epochs {args.epochs} is fewer than the {progress.epoch} epochs the run being '
+                         f'resumed has done; give --epochs {progress.epoch} or more to continue it.')
     log(f'Resumed {args.resume}: epoch {progress.epoch}, {model.num_fixed_slots}/{model.num_slots} slots fixed')
     if search.done:
         log('The run being resumed had finished (every slot fixed), so no step is left to run; its genotype.json, '

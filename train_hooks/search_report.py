@@ -103,7 +103,7 @@ def write_search_outputs(args: argparse.Namespace, dist_env: Distributed, search
     print(f'Genotype: {genotype}' + ('' if verdict.decided else ' (UNDECIDED)'), flush=True)
     for line in verdict_lines(verdict, events, args.rho):
         print(line, flush=True)
-    print(f'Wrote {genotype_path}, {LOG_NAME}, {CHECKPOINT_NAME}' + (f', {PLOT_NAME}' if plotted else
+    print(f'Wrote {genotype_path}, {LOG_NAME}, {CHECKPOINT_NAME}, {RETRAIN_NAME}' + (f', {PLOT_NAME}' if plotted else
           ' (no plot: pip install matplotlib)') + f' in {args.output}', flush=True)
     print(f'Retrain with timm (train.py from the timm repository):\n  {command}', flush=True)
     if note:
