@@ -13,7 +13,7 @@ any such step: g is not finite, so neither the virtual step nor the SGD step can
 """
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -199,18 +199,12 @@ class PMPLSearch:
         return not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def update_alpha(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[float, int]:
-        """theta' = theta - zeta * g; Adam step on alpha with grad_alpha L_mt(theta', alpha); restore theta."""
+        """Eq. 3: an Adam step on alpha with grad_alpha L_mt(theta', alpha) on a meta batch, at the virtual weights
+        theta' = theta - zeta * g; theta and the BN statistics are as before afterwards."""
         alphas = self.model.arch_parameters()
         if not alphas:
             return float('nan'), 0
-        # Only the virtual step moves the weights; the first-order variant leaves them as they are.
-        weights = [] if self.config.first_order else [p for p in self.model.weight_parameters() if p.grad is not None]
-        saved_weights = [p.detach().clone() for p in weights]
-        saved_buffers = [b.detach().clone() for b in self.model.buffers()]  # the meta pass must not move BN stats
-        try:
-            if weights:
-                with torch.no_grad():
-                    torch._foreach_add_(weights, [p.grad for p in weights], alpha=-self.lr)
+        with self._at_virtual_step():
             for alpha in alphas:
                 alpha.requires_grad_(True)
             with self.autocast():
@@ -219,6 +213,21 @@ class PMPLSearch:
             _check_finite(loss, 'meta')
             # Under float16 AMP the meta loss is scaled like the train loss, so small gradients do not underflow.
             grads = torch.autograd.grad(loss if self.grad_scaler is None else self.grad_scaler.scale(loss), alphas)
+        self._step_alpha(alphas, grads)
+        return float(loss.detach()), int((logits.detach().argmax(-1) == targets).sum())
+
+    @contextlib.contextmanager
+    def _at_virtual_step(self) -> Iterator[None]:
+        """Move the weights to theta' = theta - zeta * g for the meta pass (not with `first_order`, which takes the
+        alpha gradient at theta), then put theta, the BN statistics the pass moved and alpha's frozen state back."""
+        weights = [] if self.config.first_order else [p for p in self.model.weight_parameters() if p.grad is not None]
+        saved_weights = [p.detach().clone() for p in weights]
+        saved_buffers = [b.detach().clone() for b in self.model.buffers()]
+        try:
+            if weights:
+                with torch.no_grad():
+                    torch._foreach_add_(weights, [p.grad for p in weights], alpha=-self.lr)
+            yield
         finally:
             self._freeze_alpha()
             with torch.no_grad():
@@ -226,8 +235,12 @@ class PMPLSearch:
                     p.copy_(saved)
                 for b, saved in zip(self.model.buffers(), saved_buffers):
                     b.copy_(saved)
+
+    def _step_alpha(self, alphas: List[nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
+        """Adam on alpha with `grads`, averaged over the ranks first (every rank takes the same step, hence makes the
+        same Eq. 4 decisions); through the GradScaler with float16, which skips the step on an overflow."""
         grads = [g.float() for g in grads]
-        _all_reduce_mean(grads)  # every rank takes the same alpha step, hence the same Eq. 4 decisions
+        _all_reduce_mean(grads)
         if self.grad_scaler is None and not all(torch.isfinite(g).all() for g in grads):
             cause = ('the weights have diverged; lower the weights\' lr (PMPLConfig.lr, --lr) or raise the batch '
                      'size' if self.config.first_order else
@@ -243,7 +256,6 @@ class PMPLSearch:
         else:  # unscales; an overflow skips this Adam step and lowers the scale at the iteration's `update`
             self.grad_scaler.step(self.arch_optimizer)
         self.arch_optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), int((logits.detach().argmax(-1) == targets).sum())
 
     def update_weights(self) -> None:
         """The SGD step on theta with the gradient `weight_gradient` left (through the GradScaler with float16)."""
