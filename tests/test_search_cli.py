@@ -133,7 +133,7 @@ def test_torchrun_two_processes_agree(data_dir, tmp_path):
     # Each of these used to fail only after the data was loaded (a traceback from torch) or to be taken silently.
     ('--momentum', '-0.5', r'--momentum must be in \[0, 1\)'),
     ('--arch-weight-decay', '-1', '--arch-weight-decay must be at least 0'),
-    ('--lr', 'nan', '--lr must be positive'),
+    ('--lr', 'nan', '--lr must be a finite number, got nan'),
     ('--smoothing', '1.5', r'--smoothing must be in \[0, 1\)'),
     ('--history-interval', '0', '--history-interval must be at least 1'),
     ('--meta-batch-size', '0', '--meta-batch-size must be at least 1'),
