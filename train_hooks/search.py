@@ -101,8 +101,8 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
         check_same_split(args, resume_state, split)
     num_classes = args.num_classes or found_classes
     if num_classes < found_classes:
-        raise SystemExit(f'error: --num-classes {num_classes} is fewer than the {found_classes} classes of the training '
-                         f'split; leave it out to use the dataset\'s count.')
+        raise SystemExit(f'error: --num-classes {num_classes} is fewer than the {found_classes} classes of the '
+                         f'training split; leave it out to use the dataset\'s count.')
     model = _build_model(args, num_classes, fresh_start=resume_state is None, log=log)
     data_config = resolve_data_config(vars(args), model=model)
     model.to(dist_env.device)
@@ -111,17 +111,10 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     train_loader, meta_loader = make_loaders(args, train_set, meta_set, data_config, dist_env)
     setup = SearchSetup(
         num_classes=num_classes, split=split, steps_per_epoch=len(train_loader), world_size=dist_env.world_size,
-        data_config=data_config,
-        bad_images_left_out=getattr(train_set, 'bad_images_left_out', 0),
+        data_config=data_config, bad_images_left_out=getattr(train_set, 'bad_images_left_out', 0),
         image_mode_note=unconverted_by_train_py(args, stored_mode, data_config['input_size']) or '')
-
     if resume_state is not None:
-        check_same_steps_per_epoch(args, resume_state, setup.steps_per_epoch, dist_env.world_size)
-        ran_on = resume_state.get('world_size', dist_env.world_size)
-        if ran_on != dist_env.world_size:
-            log(f'warning: the run being resumed ran on {ran_on} process(es), this one on {dist_env.world_size}: the '
-                f'same steps per epoch, but each process\'s batch (BatchNorm\'s statistics) and the sample order '
-                f'differ, so it continues differently from a run that never stopped.')
+        _check_epoch_length(args, resume_state, setup, log)
     total_steps = args.epochs * setup.steps_per_epoch
     arch_lr, arch_lr_note = resolve_arch_lr(args, model, total_steps)
     config = pmpl_config(args, arch_lr)
@@ -156,6 +149,16 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     if result.forced and dist_env.is_main:
         save_checkpoint(args, search, progress, setup)
     return write_search_outputs(args, dist_env, search, progress, setup)
+
+
+def _check_epoch_length(args: argparse.Namespace, state: Dict, setup: SearchSetup, log: Callable[..., None]) -> None:
+    """The resumed run's steps per epoch are this run's (refused otherwise); another process count is named."""
+    check_same_steps_per_epoch(args, state, setup.steps_per_epoch, setup.world_size)
+    ran_on = state.get('world_size', setup.world_size)
+    if ran_on != setup.world_size:
+        log(f'warning: the run being resumed ran on {ran_on} process(es), this one on {setup.world_size}: the same '
+            f'steps per epoch, but each process\'s batch (BatchNorm\'s statistics) and the sample order differ, so it '
+            f'continues differently from a run that never stopped.')
 
 
 def _prepare_output(args: argparse.Namespace, dist_env: Distributed, resuming: bool, log: Callable[..., None]) -> None:
