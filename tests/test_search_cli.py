@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import timm
+import yaml
 from timm.utils import ParseKwargs
 from torchvision.datasets import FakeData
 from torchvision.transforms import ToTensor
@@ -23,6 +24,7 @@ from timm_metapool import Genotype
 from timm_metapool.data import DEMO_CLASSES, DatasetSplit, generate_demo_dataset
 from timm_metapool.decision import PAPER_ARCH_LR, auto_arch_lr
 from train_hooks.search import main
+from train_hooks.search_report import retrain_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -445,3 +447,22 @@ def test_a_search_that_cannot_decide_says_so_before_and_after(data_dir, tmp_path
     assert summary['decided'] is False and all(summary['forced'])
     assert summary['undecided_slots'] == list(range(16)) and 'near-uniform' in summary['undecided_reasons'][0]
     assert '(UNDECIDED)' in after and '0 of 16 slots fixed by Eq. 4' in after
+
+
+def test_retrain_command_carries_the_recipe_of_the_examples_yaml(tmp_path):
+    """The printed command and examples/pmpl_retrain.yaml are the paper's recipe (Sec. 3.1) for timm's train.py: every
+    setting the YAML fixes where train.py's own default differs (warm-up, smoothing, colour jitter) is in the
+    command too, with the same value."""
+    with open(os.path.join(REPO, 'examples', 'pmpl_retrain.yaml'), encoding='utf-8') as f:
+        recipe = yaml.safe_load(f)
+    argv = shlex.split(retrain_command(
+        argparse.Namespace(data_dir='DATA', output='out', dataset='', model='mobilenetv2_metapool_035',
+                           train_split='train', mean=None, std=None, input_img_mode=None, output_stride=None),
+        'out/genotype.json', 6, {'input_size': (3, 32, 32)}, torch.device('cpu')))
+    given = {argv[i].lstrip('-').replace('-', '_'): argv[i + 1] for i in range(len(argv) - 1)
+             if argv[i].startswith('-') and not argv[i + 1].startswith('-')}
+    given['batch_size'] = given.pop('b')
+    for key in ('epochs', 'sched', 'opt', 'lr', 'momentum', 'weight_decay', 'warmup_epochs', 'cooldown_epochs',
+                'min_lr', 'color_jitter', 'smoothing', 'batch_size'):
+        expected = recipe[key]
+        assert (float(given[key]) == float(expected)) if not isinstance(expected, str) else given[key] == expected, key

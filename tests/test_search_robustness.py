@@ -84,8 +84,12 @@ def test_resume_with_a_new_lr_uses_and_records_it(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match='--epochs 1 is fewer than the 2 epochs the run being resumed has done; give '
                                          '--epochs 2 or more'):
         main(['--resume', str(two_done), '--epochs', '1'])
-    main(['--resume', str(out / 'last.pth'), '--lr', '0.002'])
-    assert 'Resume with a new setting: lr 0.01 -> 0.002' in capsys.readouterr().out
+    capsys.readouterr()
+    main(['--resume', str(out / 'last.pth'), '--lr', '0.002', '--epochs', '4', '--rho', '0.95'])
+    printed = capsys.readouterr().out
+    assert 'Resume with a new setting: lr 0.01 -> 0.002' in printed
+    assert 'Resume with a new setting: --epochs 3 -> 4' in printed
+    assert 'Resume with a new setting: --rho 0.9 -> 0.95' in printed
     state = torch.load(out / 'last.pth', weights_only=True)
     assert state['args']['lr'] == 0.002
     assert state['search']['weight_optimizer']['param_groups'][0]['initial_lr'] == 0.002
@@ -110,17 +114,20 @@ def test_overwrite_loses_nothing_when_it_fails_and_leaves_no_file_of_the_earlier
     assert set(os.listdir(out)) == run_files
 
 
-def test_resume_refuses_another_epoch_length_and_names_the_settings_it_changes(data_dir, tmp_path, capsys):
+def test_resume_refuses_another_epoch_length_and_leaves_a_finished_run_as_it_was(data_dir, tmp_path, capsys):
     out = tmp_path / 'run'
     main(search_args(data_dir, out, '--epochs', '2', '--rho', '0.99'))  # 24 train images: 1 full batch of 16
     resume = ['--resume', str(out / 'last.pth')]
     with pytest.raises(SystemExit, match=r'made 1 steps per epoch \(-b 16 on 1 process\(es\)\); -b 8 on 1 makes 3'):
         main(resume + ['-b', '8'])
+    # Every slot was forced at the end of epoch 2: nothing is left to run, and no file is rewritten.
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
     capsys.readouterr()
     main(resume + ['--epochs', '3', '--rho', '0.5'])
     printed = capsys.readouterr().out
-    assert 'Resume with a new setting: --epochs 2 -> 3' in printed
-    assert 'Resume with a new setting: --rho 0.99 -> 0.5' in printed
+    assert 'had finished (every slot fixed): no step is left to run' in printed
+    assert 'the settings given anew do not apply' in printed and 'Resume with a new setting' not in printed
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_resume_after_the_data_changed_stops_with_what_changed(data_dir, tmp_path):

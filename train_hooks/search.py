@@ -10,6 +10,7 @@ module; the loop is the library's `timm_metapool.pmpl_loop.run_pmpl`.
 """
 import argparse
 import contextlib
+import json
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,7 +33,7 @@ from .resume import (
     check_resumed_model, check_same_split, check_same_steps_per_epoch, load_resume_state, merge_resumed_args,
 )
 from .run_files import (
-    CHECKPOINT_NAME, PREVIOUS_RUN_NAME, SearchProgress, SearchSetup, demo_data_dir, previous_run_restored_on_failure,
+    CHECKPOINT_NAME, GENOTYPE_NAME, PREVIOUS_RUN_NAME, SearchProgress, SearchSetup, demo_data_dir, previous_run_restored_on_failure,
     removed_if_nothing_saved, save_checkpoint, set_aside_previous_run,
 )
 from .search_args import (
@@ -121,9 +122,14 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     search = _build_search(args, model, config, dist_env)
     progress = SearchProgress()
     if resume_state is not None:
+        progress = _restore(search, resume_state, config, args, log)
+        genotype_path = os.path.join(args.output, GENOTYPE_NAME)
+        if search.done and os.path.isfile(genotype_path):
+            log(f'The run being resumed had finished (every slot fixed): no step is left to run, and its outputs in '
+                f'{args.output} stay as they are' + (' (the settings given anew do not apply).' if changed else '.'))
+            return _read_json(genotype_path) if dist_env.is_main else {}
         for change in changed:
             log(f'Resume with a new setting: {change}')
-        progress = _restore(search, resume_state, config, args, log)
     # Built after a resume: fixing slots and resuming may replace the optimizer, the schedule depends only on the step.
     scheduler = CosineLRScheduler(search.weight_optimizer, t_initial=total_steps, lr_min=0.0, t_in_epochs=False)
 
@@ -230,10 +236,12 @@ def _restore(search: PMPLSearch, state: Dict, config: PMPLConfig, args: argparse
         raise SystemExit(f'error: --epochs {args.epochs} is fewer than the {progress.epoch} epochs the run being '
                          f'resumed has done; give --epochs {progress.epoch} or more to continue it.')
     log(f'Resumed {args.resume}: epoch {progress.epoch}, {model.num_fixed_slots}/{model.num_slots} slots fixed')
-    if search.done:
-        log('The run being resumed had finished (every slot fixed), so no step is left to run; its genotype.json, '
-            'plot and retrain command are written again from the checkpoint.')
     return progress
+
+
+def _read_json(path: str) -> Dict:
+    with open(path, 'r', encoding='utf-8') as f:
+        return json.load(f)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
