@@ -123,7 +123,7 @@ def test_resume_refuses_another_epoch_length_and_leaves_a_finished_run_as_it_was
     # Every slot was forced at the end of epoch 2: nothing is left to run, and no file is rewritten.
     before = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
     capsys.readouterr()
-    main(resume + ['--epochs', '3', '--rho', '0.5'])
+    main(resume + ['--epochs', '3', '--rho', '0.5', '--lr', '0.02'])
     printed = capsys.readouterr().out
     assert 'had finished (every slot fixed): no step is left to run' in printed
     assert 'the settings given anew do not apply' in printed and 'Resume with a new setting' not in printed

@@ -22,8 +22,7 @@ from .integrity import (
 from .mixed_op import ARCH_PARAM_NAME
 from .pretrained import (
     SAFETENSORS_CHECKSUM_KEY, SAFETENSORS_GENOTYPE_KEY, SAFETENSORS_OUTPUT_STRIDE_KEY, check_weights_genotype,
-    local_weights_file,
-    read_safetensors_metadata,
+    local_weights_file, read_safetensors_metadata,
 )
 
 __all__ = [

@@ -167,14 +167,14 @@ def set_aside_previous_run(output: str) -> List[str]:
     so that none of them sits beside the new run's; other files (the demo dataset, the user's) stay. The new run's
     first checkpoint deletes them (`discard_previous_run`); a run that stops before it puts them back
     (`previous_run_restored_on_failure`). Returns the names moved."""
+    aside = os.path.join(output, PREVIOUS_RUN_NAME)
     moved = []
     for name in RUN_OUTPUTS:
-        for path in (os.path.join(output, name), os.path.join(output, name + '.tmp')):
-            if os.path.lexists(path):
-                aside = os.path.join(output, PREVIOUS_RUN_NAME)
+        for found in (name, name + '.tmp'):
+            if os.path.lexists(os.path.join(output, found)):
                 os.makedirs(aside, exist_ok=True)
-                os.replace(path, os.path.join(aside, os.path.basename(path)))
-                moved.append(os.path.basename(path))
+                os.replace(os.path.join(output, found), os.path.join(aside, found))
+                moved.append(found)
     return moved
 
 

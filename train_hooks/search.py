@@ -122,13 +122,14 @@ def _run(args: argparse.Namespace, dist_env: Distributed, resume_state: Optional
     search = _build_search(args, model, config, dist_env)
     progress = SearchProgress()
     if resume_state is not None:
-        progress = _restore(search, resume_state, config, args, log)
+        progress = _restore(search, resume_state, args, log)
+        changes = changed + search.apply_config(config)  # the optimizers' own settings, put into them
         genotype_path = os.path.join(args.output, GENOTYPE_NAME)
         if search.done and os.path.isfile(genotype_path):
             log(f'The run being resumed had finished (every slot fixed): no step is left to run, and its outputs in '
-                f'{args.output} stay as they are' + (' (the settings given anew do not apply).' if changed else '.'))
+                f'{args.output} stay as they are' + (' (the settings given anew do not apply).' if changes else '.'))
             return _read_json(genotype_path) if dist_env.is_main else {}
-        for change in changed:
+        for change in changes:
             log(f'Resume with a new setting: {change}')
     # Built after a resume: fixing slots and resuming may replace the optimizer, the schedule depends only on the step.
     scheduler = CosineLRScheduler(search.weight_optimizer, t_initial=total_steps, lr_min=0.0, t_in_epochs=False)
@@ -220,17 +221,14 @@ def _build_search(args: argparse.Namespace, model: torch.nn.Module, config: PMPL
     return PMPLSearch(model, config, loss_fn=loss_fn, wrap=dist_env.wrap, autocast=autocast, grad_scaler=scaler)
 
 
-def _restore(search: PMPLSearch, state: Dict, config: PMPLConfig, args: argparse.Namespace,
-             log: Callable[..., None]) -> SearchProgress:
-    """Put a --resume checkpoint's slots, weights and optimizer states into `search`, make `config` (the merged
-    settings of this run) the one in force, and return how far that run had got."""
+def _restore(search: PMPLSearch, state: Dict, args: argparse.Namespace, log: Callable[..., None]) -> SearchProgress:
+    """Put a --resume checkpoint's slots, weights and optimizer states into `search`, and return how far that run
+    had got."""
     model = search.model
     if state['num_slots'] != model.num_slots:
         raise SystemExit(f"error: {args.resume!r} has {state['num_slots']} slots, {args.model} has "
                          f'{model.num_slots}; it was made by another version of the model.')
     search.load_state_dict(state['search'], state['state_dict'])
-    for change in search.apply_config(config):
-        log(f'Resume with a new setting: {change}')
     progress = SearchProgress.from_checkpoint(state)
     if progress.epoch > args.epochs and not search.done:
         raise SystemExit(f'error: --epochs {args.epochs} is fewer than the {progress.epoch} epochs the run being '
